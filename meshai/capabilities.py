@@ -29,25 +29,36 @@ from meshai.errors import ConfigError
 PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "int8")
 KINDS: tuple[str, ...] = ("cpu", "gpu", "npu", "tpu", "mcu")
 
+
+def _opset(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
 #: Op types every general-purpose runtime (onnxruntime on a CPU or GPU) runs.
 ALL_OPS = "*"
 
-_NPU_OPS = frozenset(
-    """Conv ConvTranspose Relu LeakyRelu PRelu Clip Sigmoid Tanh HardSigmoid HardSwish Elu Selu
+_NPU_OPS = _opset(
+    """
+    Conv ConvTranspose Relu LeakyRelu PRelu Clip Sigmoid Tanh HardSigmoid HardSwish Elu Selu
     MaxPool AveragePool GlobalAveragePool GlobalMaxPool BatchNormalization InstanceNormalization
     Add Sub Mul Div Sum Max Min Concat Split Slice Reshape Flatten Transpose Squeeze Unsqueeze
     Gemm MatMul Softmax Pad Resize Upsample Identity Dropout Shape Gather Cast Mean ReduceMean
-    DepthToSpace SpaceToDepth Exp Sqrt Pow Erf LayerNormalization""".split()
+    DepthToSpace SpaceToDepth Exp Sqrt Pow Erf LayerNormalization
+    """
 )
-_TPU_OPS = frozenset(
-    """Conv Relu Clip Sigmoid Tanh HardSwish MaxPool AveragePool GlobalAveragePool Add Mul Concat
+_TPU_OPS = _opset(
+    """
+    Conv Relu Clip Sigmoid Tanh HardSwish MaxPool AveragePool GlobalAveragePool Add Mul Concat
     Reshape Flatten Squeeze Unsqueeze Gemm MatMul Softmax Pad Resize Identity Dropout Mean
-    ReduceMean QuantizeLinear DequantizeLinear QLinearConv QLinearMatMul""".split()
+    ReduceMean QuantizeLinear DequantizeLinear QLinearConv QLinearMatMul
+    """
 )
-_MCU_OPS = frozenset(
-    """Conv Relu Clip Sigmoid Tanh MaxPool AveragePool GlobalAveragePool Add Mul Reshape Flatten
+_MCU_OPS = _opset(
+    """
+    Conv Relu Clip Sigmoid Tanh MaxPool AveragePool GlobalAveragePool Add Mul Reshape Flatten
     Gemm MatMul Softmax Identity Dropout QuantizeLinear DequantizeLinear QLinearConv
-    QLinearMatMul""".split()
+    QLinearMatMul
+    """
 )
 
 
@@ -94,7 +105,9 @@ class Profile:
             raise ConfigError("profile kind must be a non-empty string")
         bad = [p for p in self.flops if p not in PRECISIONS]
         if bad:
-            raise ConfigError(f"profile {self.kind!r}: unknown precision {bad[0]!r} (known: {', '.join(PRECISIONS)})")
+            raise ConfigError(
+                f"profile {self.kind!r}: unknown precision {bad[0]!r} (known: {', '.join(PRECISIONS)})"
+            )
         if not self.flops:
             raise ConfigError(f"profile {self.kind!r} declares no precision")
         for p, v in self.flops.items():
@@ -103,7 +116,9 @@ class Profile:
         if self.memory_bytes <= 0:
             raise ConfigError(f"profile {self.kind!r}: memory must be > 0 bytes, got {self.memory_bytes!r}")
         if self.mem_bandwidth_bps <= 0:
-            raise ConfigError(f"profile {self.kind!r}: memory bandwidth must be > 0, got {self.mem_bandwidth_bps!r}")
+            raise ConfigError(
+                f"profile {self.kind!r}: memory bandwidth must be > 0, got {self.mem_bandwidth_bps!r}"
+            )
 
     @property
     def precisions(self) -> tuple[str, ...]:
@@ -416,5 +431,6 @@ def detect_host(name: str = "host", measure: bool = True) -> NodeCapability:
         flops=flops,
         memory_bytes=_host_memory_bytes(),
     )
-    return NodeCapability(name=name, profile=prof, emulated=False, providers=providers,
-                          extra={"cores": cores})
+    return NodeCapability(
+        name=name, profile=prof, emulated=False, providers=providers, extra={"cores": cores}
+    )

@@ -42,7 +42,9 @@ def resolve_model(spec: str | os.PathLike[str]) -> Path:
     if p.is_file():
         return p
     if p.suffix == "" and os.sep not in s:
-        raise ModelError(f"unknown model {s!r}: not a file, and not a light model ({', '.join(LIGHT_MODELS)})")
+        raise ModelError(
+            f"unknown model {s!r}: not a file, and not a light model ({', '.join(LIGHT_MODELS)})"
+        )
     raise ModelError(f"model file {s!r} does not exist")
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -45,6 +45,40 @@ class CostContext:
     op_param_bytes: np.ndarray
     forced: np.ndarray
     caller: Link
+    cache: dict[tuple[int, ...], Evaluation] = field(default_factory=dict, compare=False, repr=False)
+    op_s_list: list[list[float]] = field(default_factory=list, compare=False, repr=False)
+    flows: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list, compare=False, repr=False)
+    input_flows: list[tuple[int, tuple[int, ...], int]] = field(
+        default_factory=list, compare=False, repr=False
+    )
+    output_flows: list[tuple[int, int]] = field(default_factory=list, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        g = self.graph
+        names = [n.name for n in self.nodes]
+        self.op_s_list.extend([float(x) if math.isfinite(x) else 0.0 for x in row] for row in self.op_s)
+        for p, op in enumerate(g.ops):
+            for t in op.outputs:
+                cons = g.consumers.get(t, ())
+                if cons:
+                    self.flows.append((p, g.nbytes(t), cons))
+        for t in g.inputs:
+            pin = self.constraints.pins.get(t)
+            self.input_flows.append(
+                (g.nbytes(t), g.consumers.get(t, ()), names.index(pin) if pin in names else -1)
+            )
+        for t in g.outputs:
+            src = g.producer.get(t)
+            if src is not None:
+                self.output_flows.append((src, g.nbytes(t)))
+
+    def cached(self, assignment: Sequence[int]) -> Evaluation:
+        """``evaluate`` with a cache: searches revisit the same assignments often."""
+        key = tuple(assignment)
+        ev = self.cache.get(key)
+        if ev is None:
+            ev = self.cache[key] = evaluate(self, key)
+        return ev
 
     @property
     def n_ops(self) -> int:
@@ -104,15 +138,21 @@ def build_context(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: 
     forced = np.full(n_ops, -1, dtype=np.int64)
     for tensor, node_name in sorted(constraints.pins.items()):
         if tensor not in graph.inputs:
-            raise PlanError(f"--pin names {tensor!r}, which is not an input of the model "
-                            f"(inputs: {', '.join(graph.inputs)})")
+            raise PlanError(
+                f"--pin names {tensor!r}, which is not an input of the model "
+                f"(inputs: {', '.join(graph.inputs)})"
+            )
         if node_name not in names:
-            raise PlanError(f"--pin {tensor}={node_name}: no node named {node_name!r} (nodes: {', '.join(names)})")
+            raise PlanError(
+                f"--pin {tensor}={node_name}: no node named {node_name!r} (nodes: {', '.join(names)})"
+            )
         d = names.index(node_name)
         for p in graph.consumers.get(tensor, ()):
             if forced[p] >= 0 and forced[p] != d:
-                raise PlanError(f"op {graph.ops[p].name!r} reads inputs pinned to two nodes "
-                                f"({names[forced[p]]!r} and {node_name!r})")
+                raise PlanError(
+                    f"op {graph.ops[p].name!r} reads inputs pinned to two nodes "
+                    f"({names[forced[p]]!r} and {node_name!r})"
+                )
             forced[p] = d
     caller = Link(constraints.caller_bandwidth_bps, constraints.caller_latency_s)
     return CostContext(graph, tuple(nodes), constraints, precision, op_s, param, forced, caller)
@@ -146,8 +186,13 @@ class Evaluation:
         if not self.feasible:
             return (1.0, float(self.violations), *(_q(x) for x in self.loads))
         if objective == "throughput":
-            return (0.0, *(_q(x) for x in self.loads), _q(self.latency_s), _q(self.energy_j),
-                    float(len(self.stages)))
+            return (
+                0.0,
+                *(_q(x) for x in self.loads),
+                _q(self.latency_s),
+                _q(self.energy_j),
+                float(len(self.stages)),
+            )
         return (0.0, _q(self.latency_s), _q(self.bottleneck_s), _q(self.energy_j), float(len(self.stages)))
 
     def score(self, objective: str) -> float:
@@ -202,29 +247,24 @@ class Traffic:
 
 def traffic(ctx: CostContext, assignment: Sequence[int]) -> Traffic:
     """Compute time per node and bytes per node pair of an assignment (each tensor sent once per node)."""
-    g = ctx.graph
     compute: dict[int, float] = {}
+    op_s = ctx.op_s_list
     for p, d in enumerate(assignment):
-        t = ctx.op_s[p, d]
-        compute[d] = compute.get(d, 0.0) + (float(t) if math.isfinite(t) else 0.0)
+        compute[d] = compute.get(d, 0.0) + op_s[p][d]
     pair: dict[tuple[int, int], int] = {}
-    for p, op in enumerate(g.ops):
+    for p, nbytes, cons in ctx.flows:
         a = assignment[p]
-        for t in op.outputs:
-            for b in sorted({assignment[c] for c in g.consumers.get(t, ())} - {a}):
-                pair[(a, b)] = pair.get((a, b), 0) + g.nbytes(t)
-    names = [n.name for n in ctx.nodes]
+        for b in {assignment[c] for c in cons}:
+            if b != a:
+                pair[(a, b)] = pair.get((a, b), 0) + nbytes
     from_caller: dict[int, int] = {}
-    for t in g.inputs:
-        pinned = ctx.constraints.pins.get(t)
-        for b in sorted({assignment[c] for c in g.consumers.get(t, ())}):
-            if pinned is None or names[b] != pinned:
-                from_caller[b] = from_caller.get(b, 0) + g.nbytes(t)
+    for nbytes, cons, pinned in ctx.input_flows:
+        for b in {assignment[c] for c in cons}:
+            if b != pinned:
+                from_caller[b] = from_caller.get(b, 0) + nbytes
     to_caller: dict[int, int] = {}
-    for t in g.outputs:
-        src = g.producer.get(t)
-        if src is not None:
-            to_caller[assignment[src]] = to_caller.get(assignment[src], 0) + g.nbytes(t)
+    for p, nbytes in ctx.output_flows:
+        to_caller[assignment[p]] = to_caller.get(assignment[p], 0) + nbytes
     return Traffic(compute, pair, from_caller, to_caller)
 
 
@@ -248,9 +288,10 @@ def evaluate(ctx: CostContext, assignment: Sequence[int]) -> Evaluation:
         reasons.extend([f"uses {used} stages, not {k}"] * abs(used - k))
     tr = traffic(ctx, assignment)
     loads = tr.loads(ctx)
-    if stage_order(g, assignment) is None:
+    order = stage_order(g, assignment)
+    if order is None:
         return _infeasible("stages form a cycle", len(reasons) + 1, loads)
-    specs = split_stages(g, assignment)
+    specs = split_stages(g, assignment, order)
     mems: list[int] = []
     params: list[int] = []
     for s in specs:
@@ -282,7 +323,21 @@ def evaluate(ctx: CostContext, assignment: Sequence[int]) -> Evaluation:
         energy += n * ctx.nodes[a].profile.link.joules_per_byte
     for d, n in [*tr.from_caller.items(), *tr.to_caller.items()]:
         energy += n * ctx.nodes[d].profile.link.joules_per_byte
-    bytes_out = [sum(n for (a, _b), n in tr.pair_bytes.items() if a == s.device) + tr.to_caller.get(s.device, 0)
-                 for s in specs]
-    return Evaluation(True, "", latency, loads[0], transfer, energy, tuple(specs), tuple(compute),
-                      tuple(mems), tuple(params), tuple(bytes_out), tuple(loads))
+    bytes_out = [
+        sum(n for (a, _b), n in tr.pair_bytes.items() if a == s.device) + tr.to_caller.get(s.device, 0)
+        for s in specs
+    ]
+    return Evaluation(
+        True,
+        "",
+        latency,
+        loads[0],
+        transfer,
+        energy,
+        tuple(specs),
+        tuple(compute),
+        tuple(mems),
+        tuple(params),
+        tuple(bytes_out),
+        tuple(loads),
+    )

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import onnx
@@ -188,7 +189,9 @@ def _toposort_inplace(g: onnx.GraphProto) -> None:
                 nxt.append(i)
         if not progressed:
             bad = nodes[nxt[0]]
-            raise ModelError(f"model graph has a cycle or a missing input at node {bad.name!r} ({bad.op_type})")
+            raise ModelError(
+                f"model graph has a cycle or a missing input at node {bad.name!r} ({bad.op_type})"
+            )
         remaining = nxt
     if order != list(range(len(nodes))):
         sorted_nodes = [nodes[i] for i in order]
@@ -294,6 +297,11 @@ def build_graph(model: onnx.ModelProto, name: str = "model", batch: int = 1) -> 
         else:
             compute_nodes.append(n)
 
+    known = set(graph_inputs) | const_tensors | {o for n in compute_nodes for o in n.output if o}
+    for n in compute_nodes:
+        for i in node_inputs(n):
+            if i not in known:
+                raise ModelError(f"op {n.name!r} ({n.op_type}) reads {i!r}, which no node makes and is not an input")
     ops: list[OpInfo] = []
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}
@@ -351,15 +359,46 @@ def _elems(t: TensorInfo, batch: int) -> int:
 
 
 _ELEMENTWISE_COST = {
-    "Relu": 1, "LeakyRelu": 2, "PRelu": 2, "Clip": 2, "Add": 1, "Sub": 1, "Mul": 1, "Div": 1, "Sum": 1,
-    "Max": 1, "Min": 1, "Mean": 1, "Sigmoid": 4, "Tanh": 4, "Exp": 4, "Log": 4, "Sqrt": 2, "Pow": 4,
-    "Erf": 8, "HardSigmoid": 3, "HardSwish": 4, "Elu": 4, "Selu": 4, "Softplus": 4, "Abs": 1, "Neg": 1,
-    "BatchNormalization": 2, "InstanceNormalization": 5, "LayerNormalization": 8, "Softmax": 5,
-    "LogSoftmax": 5, "Dropout": 0, "Identity": 0, "Cast": 1,
+    "Relu": 1,
+    "LeakyRelu": 2,
+    "PRelu": 2,
+    "Clip": 2,
+    "Add": 1,
+    "Sub": 1,
+    "Mul": 1,
+    "Div": 1,
+    "Sum": 1,
+    "Max": 1,
+    "Min": 1,
+    "Mean": 1,
+    "Sigmoid": 4,
+    "Tanh": 4,
+    "Exp": 4,
+    "Log": 4,
+    "Sqrt": 2,
+    "Pow": 4,
+    "Erf": 8,
+    "HardSigmoid": 3,
+    "HardSwish": 4,
+    "Elu": 4,
+    "Selu": 4,
+    "Softplus": 4,
+    "Abs": 1,
+    "Neg": 1,
+    "BatchNormalization": 2,
+    "InstanceNormalization": 5,
+    "LayerNormalization": 8,
+    "Softmax": 5,
+    "LogSoftmax": 5,
+    "Dropout": 0,
+    "Identity": 0,
+    "Cast": 1,
 }
 
 
-def op_flops(node: onnx.NodeProto, ins: Sequence[TensorInfo], outs: Sequence[TensorInfo], batch: int = 1) -> float:
+def op_flops(
+    node: onnx.NodeProto, ins: Sequence[TensorInfo], outs: Sequence[TensorInfo], batch: int = 1
+) -> float:
     """FLOPs of one op (a multiply-add counts 2): Conv, Gemm, MatMul exact; others by elements."""
     t = node.op_type
     out_elems = _elems(outs[0], batch) if outs else 0
@@ -396,8 +435,8 @@ def op_flops(node: onnx.NodeProto, ins: Sequence[TensorInfo], outs: Sequence[Ten
         k_ = a[-1]
         return float(2 * out_elems * k_)
     if t in ("MaxPool", "AveragePool", "LpPool"):
-        ks = _attr(node, "kernel_shape", [1])
-        return float(out_elems * int(math.prod(ks)))  # type: ignore[arg-type]
+        ks = cast("list[int]", _attr(node, "kernel_shape", [1]))
+        return float(out_elems * int(math.prod(ks)))
     if t in ("GlobalAveragePool", "GlobalMaxPool", "ReduceMean", "ReduceSum", "ReduceMax"):
         return float(_elems(ins[0], batch)) if ins else float(out_elems)
     if t == "LRN":

@@ -29,7 +29,7 @@ import numpy as np
 from meshai.capabilities import NodeCapability
 from meshai.errors import PlanError
 from meshai.plan import Constraints, Plan, Predicted, Stage
-from scheduler.cost import INF, PRECISION_SCALE, CostContext, Evaluation, build_context, evaluate
+from scheduler.cost import INF, PRECISION_SCALE, CostContext, Evaluation, build_context
 from scheduler.graph import GraphIR
 
 #: Upper bound on DP states (node-class usage vectors).
@@ -44,6 +44,9 @@ LOCAL_SEARCH_EVALS = 3000
 SMALL_GRAPH_OPS = 64
 #: Kernighan–Lin passes run on graphs up to this many ops.
 KL_MAX_OPS = 16
+#: Tiny graphs (ops × nodes at most this) also get a few seeded random restarts.
+RESTART_LIMIT = 24
+RESTARTS = 6
 #: Local search runs while ops × nodes is at most this.
 LOCAL_SEARCH_LIMIT = 400
 #: Pair moves are tried while ops × nodes is at most this.
@@ -64,8 +67,12 @@ def _classes(ctx: CostContext, usable: Sequence[int]) -> _Classes:
     for d in usable:
         n = ctx.nodes[d]
         key = json.dumps(
-            [n.profile.to_dict(), ctx.constraints.speed.get(n.name, 1.0), ctx.precision[d],
-             n.name if d in pinned else ""],
+            [
+                n.profile.to_dict(),
+                ctx.constraints.speed.get(n.name, 1.0),
+                ctx.precision[d],
+                n.name if d in pinned else "",
+            ],
             sort_keys=True,
         )
         keys.setdefault(key, []).append(d)
@@ -90,7 +97,9 @@ def _edges(graph: GraphIR) -> tuple[list[set[int]], list[set[int]]]:
     return preds, succs
 
 
-def _kahn(preds: Sequence[set[int]], succs: Sequence[set[int]], lifo: bool, low_first: bool = True) -> list[int]:
+def _kahn(
+    preds: Sequence[set[int]], succs: Sequence[set[int]], lifo: bool, low_first: bool = True
+) -> list[int]:
     """Kahn's topological sort; LIFO follows one branch to its end, FIFO goes level by level.
 
     ``low_first`` breaks ties by the lowest op position, else by the highest.
@@ -188,8 +197,9 @@ def _crossing_bytes(graph: GraphIR, order: Sequence[int]) -> np.ndarray:
     return np.cumsum(diff)[: n + 1]
 
 
-def _candidate_cuts(ctx: CostContext, order: Sequence[int], cross: np.ndarray, m: int,
-                    classes: _Classes) -> list[int]:
+def _candidate_cuts(
+    ctx: CostContext, order: Sequence[int], cross: np.ndarray, m: int, classes: _Classes
+) -> list[int]:
     """Cut positions 0 < q < N the DP may use: all of them for small graphs, else a spread of cheap ones."""
     n = len(order)
     if n - 1 <= m:
@@ -215,14 +225,16 @@ def _candidate_cuts(ctx: CostContext, order: Sequence[int], cross: np.ndarray, m
         if len(seg):
             chosen.add(lo + int(np.argmin(seg)))
         lo = hi
+    chosen.update(q for q in (1, 2, n - 2, n - 1) if 0 < q < n)  # tiny first/last stages
     chosen.discard(0)
     chosen.discard(n)
     _ = classes
     return sorted(chosen)
 
 
-def _chain_dp(ctx: CostContext, order: Sequence[int], classes: _Classes, objective: str,
-              stages: int | None) -> list[list[int]]:
+def _chain_dp(
+    ctx: CostContext, order: Sequence[int], classes: _Classes, objective: str, stages: int | None
+) -> list[list[int]]:
     """Best assignments (one per stage count) of contiguous segments of ``order`` to node classes."""
     g = ctx.graph
     n = len(order)
@@ -280,7 +292,8 @@ def _chain_dp(ctx: CostContext, order: Sequence[int], classes: _Classes, objecti
     is_sum = objective != "throughput"
 
     def combine(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-        return x + y if is_sum else np.maximum(x, y)
+        out: np.ndarray = x + y if is_sum else np.maximum(x, y)
+        return out
 
     def link_matrix(nbytes: float) -> np.ndarray:
         return np.array([[a.transfer_s(nbytes, b) for b in links] for a in links])
@@ -340,10 +353,12 @@ def _chain_dp(ctx: CostContext, order: Sequence[int], classes: _Classes, objecti
     return results
 
 
-def _local_search(ctx: CostContext, start: list[int], objective: str, budget: int) -> tuple[list[int], Evaluation]:
+def _local_search(
+    ctx: CostContext, start: list[int], objective: str, budget: int
+) -> tuple[list[int], Evaluation]:
     """Improve an assignment by op moves and stage swaps/moves on the exact cost model."""
     best = list(start)
-    best_ev = evaluate(ctx, best)
+    best_ev = ctx.cached(best)
     usable = [d for d in range(ctx.n_nodes) if ctx.precision[d] is not None]
     evals = 0
     improved = True
@@ -386,7 +401,7 @@ def _local_search(ctx: CostContext, start: list[int], objective: str, budget: in
             if evals >= budget:
                 break
             evals += 1
-            ev = evaluate(ctx, cand)
+            ev = ctx.cached(cand)
             if ev.key(objective) < best_ev.key(objective):
                 best, best_ev = cand, ev
                 improved = True
@@ -400,8 +415,14 @@ def _relaxed_key(ev: Evaluation, objective: str) -> tuple[float, ...]:
     return ev.key(objective)
 
 
-def _kl_pass(ctx: CostContext, start: list[int], start_ev: Evaluation, usable: Sequence[int],
-             objective: str, relaxed: bool = False) -> tuple[list[int], Evaluation]:
+def _kl_pass(
+    ctx: CostContext,
+    start: list[int],
+    start_ev: Evaluation,
+    usable: Sequence[int],
+    objective: str,
+    relaxed: bool = False,
+) -> tuple[list[int], Evaluation]:
     """One Kernighan–Lin pass: take the best single-op move N times, even uphill, each op once;
     return the best assignment seen.  Finds improvements that need several ops to move together."""
     cur = list(start)
@@ -417,7 +438,7 @@ def _kl_pass(ctx: CostContext, start: list[int], start_ev: Evaluation, usable: S
                     continue
                 cand = list(cur)
                 cand[p] = d
-                ev = evaluate(ctx, cand)
+                ev = ctx.cached(cand)
                 k = _relaxed_key(ev, objective) if relaxed else ev.key(objective)
                 if move is None or k < move[0]:
                     move = (k, p, d, ev)
@@ -431,7 +452,9 @@ def _kl_pass(ctx: CostContext, start: list[int], start_ev: Evaluation, usable: S
     return best, best_ev
 
 
-def _refine(ctx: CostContext, start: list[int], usable: Sequence[int], objective: str) -> tuple[list[int], Evaluation]:
+def _refine(
+    ctx: CostContext, start: list[int], usable: Sequence[int], objective: str
+) -> tuple[list[int], Evaluation]:
     """Local search, then Kernighan–Lin passes (small graphs), alternating until neither improves."""
     best, best_ev = _local_search(ctx, start, objective, LOCAL_SEARCH_EVALS)
     if ctx.n_ops > KL_MAX_OPS:
@@ -445,17 +468,40 @@ def _refine(ctx: CostContext, start: list[int], usable: Sequence[int], objective
         best, best_ev = _local_search(ctx, cand, objective, LOCAL_SEARCH_EVALS)
 
 
-def _explain_infeasible(ctx: CostContext, usable: Sequence[int]) -> str:
+def _restarts(
+    ctx: CostContext, best: list[int], best_ev: Evaluation, usable: Sequence[int], objective: str
+) -> tuple[list[int], Evaluation]:
+    """Refine from a few pseudo-random starts, seeded by the problem itself (so still deterministic)."""
+    rng = np.random.default_rng(RESTARTS * ctx.n_ops + len(usable))
+    for _ in range(RESTARTS):
+        start = [usable[int(i)] for i in rng.integers(0, len(usable), ctx.n_ops)]
+        cand, cev = _refine(ctx, start, usable, objective)
+        if cev.key(objective) < best_ev.key(objective):
+            best, best_ev = cand, cev
+    return best, best_ev
+
+
+def _explain_infeasible(ctx: CostContext, usable: Sequence[int], last_reason: str) -> str:
     """Name the op, node and limit that make every plan impossible."""
     g = ctx.graph
     names = [n.name for n in ctx.nodes]
     k = ctx.constraints.stages
     if k is not None and k > len(usable):
-        skipped = [f"{names[d]} ({ctx.nodes[d].kind}: runs only {', '.join(ctx.nodes[d].profile.precisions)})"
-                   for d in range(ctx.n_nodes) if d not in usable]
-        more = f"; excluded: {', '.join(skipped)}" if skipped else ""
-        return (f"--stages {k} needs {k} nodes that can run the model, but only {len(usable)} can"
-                f" ({', '.join(names[d] for d in usable) or 'none'}){more}")
+        skipped = [
+            f"{names[d]} ({ctx.nodes[d].kind}) runs only {', '.join(ctx.nodes[d].profile.precisions)}"
+            for d in range(ctx.n_nodes)
+            if d not in usable
+        ]
+        more = ""
+        if skipped:
+            more = (
+                f"; excluded: {'; '.join(skipped)}, and the model exists only as "
+                f"{', '.join(ctx.constraints.precisions)} (an int8-only node needs a quantized variant)"
+            )
+        return (
+            f"--stages {k} needs {k} nodes that can run the model, but only {len(usable)} can"
+            f" ({', '.join(names[d] for d in usable) or 'none'}){more}"
+        )
     if k is not None and k > len(g.ops):
         return f"--stages {k} asks for more stages than the model has compute ops ({len(g.ops)})"
     for p, op in enumerate(g.ops):
@@ -463,9 +509,9 @@ def _explain_infeasible(ctx: CostContext, usable: Sequence[int]) -> str:
         if all(need > ctx.nodes[d].profile.memory_bytes for d in usable):
             caps = ", ".join(f"{names[d]} has {ctx.nodes[d].profile.memory_bytes}" for d in usable)
             return f"op {op.name!r} ({op.op_type}) needs {need} bytes of memory; no node has enough ({caps})"
-    if k is not None:
-        return f"the model cannot be split into exactly {k} stages on these nodes within their memory and op support"
-    return "no assignment of the model's ops fits the nodes' memory and op support"
+    what = f"exactly {k} stages" if k is not None else "stages"
+    tail = f"; the best attempt failed because {last_reason}" if last_reason else ""
+    return f"the model cannot be split into {what} on these nodes within their memory, op support and pins{tail}"
 
 
 def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constraints | None = None) -> Plan:
@@ -496,9 +542,12 @@ def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constrain
         f = int(ctx.forced[p])
         if f >= 0 and not math.isfinite(ctx.op_s[p, f]):
             n = nodes[f]
-            why = (f"runs only {', '.join(n.profile.precisions)}" if ctx.precision[f] is None
-                   else f"does not support {graph.ops[p].op_type}")
-            raise PlanError(f"op {graph.ops[p].name!r} reads an input pinned to {n.name!r}, which {why}")
+            reason = (
+                f"runs only {', '.join(n.profile.precisions)}"
+                if ctx.precision[f] is None
+                else f"does not support {graph.ops[p].op_type}"
+            )
+            raise PlanError(f"op {graph.ops[p].name!r} reads an input pinned to {n.name!r}, which {reason}")
 
     objective = constraints.objective
     classes = _classes(ctx, usable)
@@ -511,8 +560,8 @@ def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constrain
     if heft not in seeds:
         seeds.append(heft)
     if not seeds:
-        raise PlanError(_explain_infeasible(ctx, usable))
-    scored = sorted(((evaluate(ctx, a), a) for a in seeds), key=lambda ea: ea[0].key(objective))
+        raise PlanError(_explain_infeasible(ctx, usable, ""))
+    scored = sorted(((ctx.cached(a), a) for a in seeds), key=lambda ea: ea[0].key(objective))
     best_ev, best = scored[0]
     if len(graph.ops) * len(usable) <= LOCAL_SEARCH_LIMIT:
         starts = scored if len(graph.ops) * len(usable) <= PAIR_MOVES_LIMIT else scored[:3]
@@ -520,8 +569,10 @@ def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constrain
             cand, cev = _refine(ctx, a, usable, objective)
             if cev.key(objective) < best_ev.key(objective):
                 best, best_ev = cand, cev
+        if len(graph.ops) * len(usable) <= RESTART_LIMIT:
+            best, best_ev = _restarts(ctx, best, best_ev, usable, objective)
     if not best_ev.feasible:
-        raise PlanError(_explain_infeasible(ctx, usable) + f" ({best_ev.reason})")
+        raise PlanError(_explain_infeasible(ctx, usable, best_ev.reason))
     return plan_from_evaluation(ctx, best_ev, names)
 
 

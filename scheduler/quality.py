@@ -55,7 +55,9 @@ def random_case(seed: int, max_ops: int = 8, max_nodes: int = 3) -> Case:
         # prefer recent tensors (chains) but allow skips and input reuse
         weights = np.linspace(1.0, 3.0, len(available))
         weights /= weights.sum()
-        ins = sorted({available[int(i)] for i in rng.choice(len(available), size=k, p=weights)}, key=available.index)
+        ins = sorted(
+            {available[int(i)] for i in rng.choice(len(available), size=k, p=weights)}, key=available.index
+        )
         out = tensor(f"t{p}")
         w = f"w{p}"
         const_bytes[w] = int(10 ** rng.uniform(3, 7))
@@ -108,7 +110,9 @@ def random_case(seed: int, max_ops: int = 8, max_nodes: int = 3) -> Case:
     pins = {}
     if rng.random() < 0.25:
         pins[inputs[0]] = f"n{int(rng.integers(0, n_nodes))}"
-    return Case(seed, graph, tuple(nodes), Constraints(objective=objective, stages=stages, pins=pins, speed=speed))
+    return Case(
+        seed, graph, tuple(nodes), Constraints(objective=objective, stages=stages, pins=pins, speed=speed)
+    )
 
 
 def brute_force(case: Case) -> float:
@@ -148,8 +152,11 @@ def compare(case: Case) -> CaseResult:
     opt = brute_force(case)
     try:
         p = plan(case.graph, case.nodes, case.constraints)
-        got = (p.predicted.bottleneck_ms if case.constraints.objective == "throughput"
-               else p.predicted.latency_ms) / 1e3
+        got = (
+            p.predicted.bottleneck_ms
+            if case.constraints.objective == "throughput"
+            else p.predicted.latency_ms
+        ) / 1e3
     except PlanError:
         got = math.inf
     return CaseResult(case.seed, opt, got)

@@ -57,11 +57,17 @@ def stage_order(graph: GraphIR, assignment: Sequence[int]) -> list[int] | None:
     return order if len(order) == len(first) else None
 
 
-def split_stages(graph: GraphIR, assignment: Sequence[int]) -> list[StageSpec]:
-    """Stages of an assignment (one per device used), in pipeline order; cycles raise PlanError."""
+def split_stages(
+    graph: GraphIR, assignment: Sequence[int], order: Sequence[int] | None = None
+) -> list[StageSpec]:
+    """Stages of an assignment (one per device used), in pipeline order; cycles raise PlanError.
+
+    ``order`` is the devices' pipeline order when the caller already has it from ``stage_order``.
+    """
     if len(assignment) != len(graph.ops):
         raise PlanError(f"assignment has {len(assignment)} entries for {len(graph.ops)} ops")
-    order = stage_order(graph, assignment)
+    if order is None:
+        order = stage_order(graph, assignment)
     if order is None:
         raise PlanError("assignment makes the stages depend on each other in a cycle")
     stage_of_dev = {d: k for k, d in enumerate(order)}
@@ -76,23 +82,19 @@ def split_stages(graph: GraphIR, assignment: Sequence[int]) -> list[StageSpec]:
     specs: list[StageSpec] = []
     for k, dev in enumerate(order):
         ops = members[k]
-        inputs: list[str] = []
-        const_t: list[str] = []
-        const_ops: list[str] = []
+        inputs: dict[str, None] = {}  # dicts as ordered sets
+        const_t: dict[str, None] = {}
+        const_ops: dict[str, None] = {}
         for pos in ops:
-            op = graph.ops[pos]
-            for t in op.inputs:
+            for t in graph.ops[pos].inputs:
                 if t in graph.const_bytes:
                     if t not in const_t:
-                        const_t.append(t)
-                        for c in graph.const_closure.get(t, ()):
-                            if c not in const_ops:
-                                const_ops.append(c)
+                        const_t[t] = None
+                        const_ops.update(dict.fromkeys(graph.const_closure.get(t, ())))
                     continue
                 src = graph.producer.get(t)
                 if (src is None and t in graph_inputs) or (src is not None and op_stage[src] != k):
-                    if t not in inputs:
-                        inputs.append(t)
+                    inputs[t] = None
         outputs: list[str] = []
         routes: dict[str, tuple[int, ...]] = {}
         for pos in ops:
@@ -102,6 +104,9 @@ def split_stages(graph: GraphIR, assignment: Sequence[int]) -> list[StageSpec]:
                     outputs.append(t)
                 if dests:
                     routes[t] = tuple(dests)
-        specs.append(StageSpec(dev, tuple(ops), tuple(const_ops), tuple(const_t), tuple(inputs),
-                               tuple(outputs), routes))
+        specs.append(
+            StageSpec(
+                dev, tuple(ops), tuple(const_ops), tuple(const_t), tuple(inputs), tuple(outputs), routes
+            )
+        )
     return specs

@@ -1,0 +1,36 @@
+"""The core modules of meshai import neither nodes/ nor scheduler/ (only the composition layer does)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSITION = {"mesh.py", "cli.py", "planning.py", "bench.py", "sim.py", "__main__.py"}
+
+
+def _imports(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.add(node.module.split(".")[0])
+    return out
+
+
+def test_core_modules_do_not_import_nodes_or_scheduler():
+    core = [p for p in (ROOT / "meshai").rglob("*.py") if p.name not in COMPOSITION]
+    assert len(core) >= 8
+    offenders = {str(p.relative_to(ROOT)): sorted(_imports(p) & {"nodes", "scheduler"}) for p in core}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_scheduler_is_pure_and_only_ray_backend_touches_ray():
+    for p in (ROOT / "scheduler").rglob("*.py"):
+        imps = _imports(p)
+        assert "nodes" not in imps, p
+        assert not imps & {"socket", "asyncio", "subprocess", "onnxruntime"}, p
+        if p.name != "ray_backend.py":
+            assert "ray" not in imps, p
