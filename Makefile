@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/meshai plan squeezenet --profiles cpu,gpu,npu --objective throughput --stages 3 --check
+	$(VENV)/bin/meshai sim --nodes 3 --profiles cpu,gpu,npu --pace --model squeezenet --requests 200 --objective throughput --stages 3
 
 system-deps:
 	@bash scripts/system-deps.sh

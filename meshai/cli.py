@@ -6,6 +6,7 @@ Every reporting command takes ``--json``; errors are one line on stderr and a no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -58,9 +59,13 @@ def _plan_table(plan: Any) -> str:
     rows = []
     for s in plan.stages:
         ops = f"{len(s.ops)} ({s.ops[0]} … {s.ops[-1]})" if len(s.ops) > 1 else f"1 ({s.ops[0]})"
-        rows.append([s.id, s.node, s.accelerator, s.precision, ops, f"{s.predicted_ms:.3f}", human_bytes(s.bytes_out)])
+        rows.append(
+            [s.id, s.node, s.accelerator, s.precision, ops, f"{s.predicted_ms:.3f}", human_bytes(s.bytes_out)]
+        )
     table = format_table(
-        ["stage", "node", "accelerator", "precision", "ops", "predicted ms", "bytes out"], rows, right=(0, 5, 6)
+        ["stage", "node", "accelerator", "precision", "ops", "predicted ms", "bytes out"],
+        rows,
+        right=(0, 5, 6),
     )
     p = plan.predicted
     summary = (
@@ -89,7 +94,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.json:
         _emit_json(out)
     else:
-        print(f"model {loaded.name}: {len(loaded.graph.ops)} compute ops, {loaded.graph.total_flops / 1e9:.2f} GFLOP")
+        print(
+            f"model {loaded.name}: {len(loaded.graph.ops)} compute ops, {loaded.graph.total_flops / 1e9:.2f} GFLOP"
+        )
         print(_plan_table(plan))
         if args.check:
             print(f"check: stages run in order vs whole model, max abs diff {out['max_abs_diff']:.3g}")
@@ -145,6 +152,352 @@ def cmd_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------ the swarm
+
+
+def _run(coro: Any) -> Any:
+    import asyncio
+
+    return asyncio.run(coro)
+
+
+def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--interface",
+        action="append",
+        metavar="ADDR",
+        help="IPv4 address of the interface mDNS uses (repeatable; default 127.0.0.1)",
+    )
+    p.add_argument("--discovery", choices=["mdns", "static"], default="mdns")
+    p.add_argument("--peers", default="", help="static peer list host:port,… (with --discovery static)")
+    p.add_argument("--mesh", default="", help="mesh id (isolates swarms that share a network)")
+    p.add_argument("--wait", type=_positive_int, default=None, metavar="N", help="wait for N nodes")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait for nodes")
+
+
+def _mesh(args: argparse.Namespace) -> Any:
+    from meshai.mesh import Mesh
+
+    peers = [p for p in args.peers.split(",") if p] if args.peers else []
+    return Mesh(
+        interfaces=tuple(args.interface or ["127.0.0.1"]),
+        discovery=args.discovery,
+        peers=peers,
+        mesh=args.mesh,
+    )
+
+
+async def _gather_peers(mesh: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Wait for --wait N nodes (within --timeout), or take whatever shows up within --timeout (2 s)."""
+    import asyncio
+
+    from meshai.errors import PeerError
+
+    if args.wait:
+        return dict(await mesh.wait_for_peers(args.wait, timeout=args.timeout or 10.0))
+    with contextlib.suppress(PeerError):
+        await mesh.wait_for_peers(1, timeout=args.timeout or 2.0)
+    await asyncio.sleep(0.3)  # let the rest of the burst of announcements arrive
+    with contextlib.suppress(PeerError):
+        await mesh.wait_for_peers(len(mesh._discovery.peers()) or 1, timeout=1.0)
+    peers = dict(mesh.peers())
+    if not peers:
+        raise PeerError(f"no meshai nodes found within {args.timeout or 2.0:g} s")
+    return peers
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """Run a node agent until SIGTERM/SIGINT."""
+    import asyncio
+    import os
+    import signal
+
+    from meshai.capabilities import NodeCapability, load_profiles, resolve_profiles
+    from nodes.agent import NodeAgent, NodeConfig
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"bad --listen {args.listen!r}: expected host:port (port 0 picks one)")
+    extra = load_profiles(args.profiles_file) if args.profiles_file else None
+    profile = resolve_profiles([args.profile], extra)[0]
+    physical = {"cpu"}
+    try:
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            physical.add("gpu")
+    except ImportError:
+        pass
+    cap = NodeCapability(name=args.name, profile=profile, emulated=profile.kind not in physical)
+    peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
+    cfg = NodeConfig(
+        name=args.name,
+        capability=cap,
+        host=host,
+        port=int(port),
+        interfaces=tuple(args.interface or [host if host != "0.0.0.0" else "127.0.0.1"]),
+        discovery=args.discovery,
+        peers=peers,
+        mesh=args.mesh,
+        pace=args.pace,
+        threads=args.threads,
+    )
+
+    async def serve() -> None:
+        async with NodeAgent(cfg) as agent:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, agent.stop)
+            ready = {
+                "event": "ready",
+                "name": agent.name,
+                "address": agent.address,
+                "pid": os.getpid(),
+                "profile": profile.kind,
+                "emulated": cap.emulated,
+            }
+            sys.stdout.write(
+                json.dumps(ready) + "\n"
+                if args.json
+                else f"node {agent.name} ({profile.kind}{', emulated' if cap.emulated else ''}) "
+                f"serving on {agent.address}\n"
+            )
+            sys.stdout.flush()
+            await agent.serve_forever()
+
+    _run(serve())
+    return 0
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    """List the nodes this host can see, with their capabilities."""
+    from meshai.tables import format_table, human_bytes
+
+    async def go() -> dict[str, Any]:
+        async with _mesh(args) as mesh:
+            peers = await _gather_peers(mesh, args)
+            return {n: p.to_dict() for n, p in sorted(peers.items())}
+
+    peers = _run(go())
+    if args.json:
+        _emit_json({"peers": list(peers.values())})
+        return 0
+    rows = []
+    for p in peers.values():
+        prof = p["capabilities"]["profile"]
+        rows.append(
+            [
+                p["name"],
+                p["address"],
+                prof["kind"],
+                ",".join(prof["flops"]),
+                human_bytes(prof["memory_bytes"]),
+                "yes" if p["capabilities"]["emulated"] else "no",
+            ]
+        )
+    print(format_table(["node", "address", "accelerator", "precisions", "memory", "emulated"], rows))
+    return 0
+
+
+def _constraints_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    p.add_argument("--stages", type=_positive_int)
+    p.add_argument("--pin", action="append", metavar="INPUT=NODE")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """Plan over the discovered swarm, deploy, run the requests in --inputs, report."""
+    from meshai.planning import load_for_planning, parse_pins
+    from meshai.sim import _percentiles
+    from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
+
+    loaded = load_for_planning(args.model)
+    reqs = request_slices(load_npz(args.inputs, list(loaded.graph.inputs)))
+
+    async def go() -> dict[str, Any]:
+        async with _mesh(args) as mesh:
+            await _gather_peers(mesh, args)
+            plan, _ = mesh.plan(
+                loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
+            )
+            outs: list[Any] = []
+            async with mesh.deploy(plan, loaded) as pipe:
+                async for o in pipe.stream(reqs):
+                    outs.append(o)
+                st = pipe.stats
+            ok = [o for o in outs if not isinstance(o, BaseException)]
+            errs = [o for o in outs if isinstance(o, BaseException)]
+            if args.outputs and ok:
+                save_npz(args.outputs, stack_requests(ok))
+            wall = (st.last_result - st.first_sent) if st.first_sent and st.last_result else 0.0
+            rep: dict[str, Any] = {
+                "plan": plan.to_dict(),
+                "requests": len(reqs),
+                "ok": len(ok),
+                "errors": len(errs),
+                "latency_ms": _percentiles(st.latencies_s),
+                "throughput_rps": round(len(ok) / wall, 3) if wall > 0 else 0.0,
+                "outputs": args.outputs or "",
+            }
+            if errs:
+                rep["first_error"] = str(errs[0])
+            return rep
+
+    rep = _run(go())
+    if args.json:
+        _emit_json(rep)
+    else:
+        from meshai.plan import Plan
+
+        print(_plan_table(Plan.from_dict(rep["plan"])))
+        print(
+            f"{rep['ok']} ok, {rep['errors']} errors of {rep['requests']}; latency p50 {rep['latency_ms']['p50']} ms"
+        )
+    return 0 if rep["errors"] == 0 else EXIT_ERROR
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    """Plan, deploy and leave serving under a name."""
+    from meshai.planning import load_for_planning, parse_pins
+
+    loaded = load_for_planning(args.model)
+
+    async def go() -> dict[str, Any]:
+        async with _mesh(args) as mesh:
+            await _gather_peers(mesh, args)
+            plan, _ = mesh.plan(
+                loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
+            )
+            return dict(await mesh.deploy_named(args.name, plan, loaded, entry=args.entry))
+
+    rep = _run(go())
+    if args.json:
+        _emit_json(rep)
+    else:
+        from meshai.plan import Plan
+
+        print(f"deployment {rep['name']} serving; entry on {rep['entry']}")
+        print(_plan_table(Plan.from_dict(rep["plan"])))
+    return 0
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Run the requests of an npz through a long-lived deployment."""
+    import time
+
+    from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
+
+    async def go() -> dict[str, Any]:
+        async with _mesh(args) as mesh:
+            await _gather_peers(mesh, args)
+            dep = await mesh.attach(args.name)
+            reqs = request_slices(load_npz(args.inputs, list(dep.plan.inputs)))
+            outs = []
+            lat = []
+            for r in reqs:
+                t0 = time.perf_counter()
+                outs.append(await dep.infer(r))
+                lat.append(time.perf_counter() - t0)
+            if args.outputs:
+                save_npz(args.outputs, stack_requests(outs))
+            from meshai.sim import _percentiles
+
+            return {
+                "name": args.name,
+                "entry": dep.entry,
+                "requests": len(reqs),
+                "ok": len(outs),
+                "errors": 0,
+                "latency_ms": _percentiles(lat),
+                "outputs": args.outputs or "",
+            }
+
+    rep = _run(go())
+    if args.json:
+        _emit_json(rep)
+    else:
+        print(
+            f"{rep['ok']} requests through {rep['name']} (entry {rep['entry']}); p50 {rep['latency_ms']['p50']} ms"
+        )
+    return 0
+
+
+def cmd_deployments(args: argparse.Namespace) -> int:
+    """List long-lived deployments on the mesh."""
+
+    async def go() -> list[dict[str, Any]]:
+        async with _mesh(args) as mesh:
+            await _gather_peers(mesh, args)
+            return list(await mesh.deployments())
+
+    deps = _run(go())
+    if args.json:
+        _emit_json({"deployments": deps})
+    else:
+        from meshai.tables import format_table
+
+        rows = [
+            [
+                d["name"],
+                d["entry"],
+                " → ".join(s["node"] for s in d["plan"]["stages"]),
+                d["served"],
+                d["errors"],
+            ]
+            for d in deps
+        ]
+        print(format_table(["name", "entry", "stages", "served", "errors"], rows))
+    return 0
+
+
+def cmd_undeploy(args: argparse.Namespace) -> int:
+    """Release a long-lived deployment."""
+
+    async def go() -> None:
+        async with _mesh(args) as mesh:
+            await _gather_peers(mesh, args)
+            await mesh.undeploy(args.name)
+
+    _run(go())
+    if args.json:
+        _emit_json({"name": args.name, "undeployed": True})
+    else:
+        print(f"deployment {args.name} released")
+    return 0
+
+
+def cmd_sim(args: argparse.Namespace) -> int:
+    """Start N real node processes on loopback, plan, deploy, stream R requests, check, stop."""
+    from meshai.capabilities import parse_profile_list
+    from meshai.planning import parse_pins
+    from meshai.sim import SimOptions, run_sim_blocking, sim_table
+
+    profiles = tuple(parse_profile_list(args.profiles)) if args.profiles else ()
+    nodes = args.nodes if args.nodes is not None else (len(profiles) or 3)
+    opts = SimOptions(
+        model=args.model,
+        nodes=nodes,
+        profiles=profiles,
+        requests=args.requests,
+        objective=args.objective,
+        stages=args.stages,
+        pins=parse_pins(args.pin or []),
+        inputs=args.inputs,
+        outputs=args.outputs,
+        seed=args.seed,
+        pace=args.pace,
+        window=args.window,
+        batch=args.batch,
+        profiles_file=args.profiles_file,
+    )
+    rep = run_sim_blocking(opts)
+    if args.json:
+        _emit_json(rep)
+    else:
+        print(sim_table(rep))
+    return 0 if rep["errors"] == 0 else EXIT_ERROR
+
+
 # ----------------------------------------------------------------------------------------- main
 
 
@@ -155,11 +508,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="plan a model over device profiles (offline)")
     pl.add_argument("model", help="an .onnx path or a light model name (squeezenet, resnet50, …)")
-    pl.add_argument("--profiles", default="cpu,gpu,npu", help="one device class per node: n0, n1, … (default cpu,gpu,npu)")
+    pl.add_argument(
+        "--profiles", default="cpu,gpu,npu", help="one device class per node: n0, n1, … (default cpu,gpu,npu)"
+    )
     pl.add_argument("--profiles-file", help="JSON/TOML file of extra profiles")
     pl.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     pl.add_argument("--stages", type=_positive_int, help="exactly K stages, each on a different node")
-    pl.add_argument("--pin", action="append", metavar="INPUT=NODE", help="keep a raw input on its node (repeatable)")
+    pl.add_argument(
+        "--pin", action="append", metavar="INPUT=NODE", help="keep a raw input on its node (repeatable)"
+    )
     pl.add_argument("--batch", type=_positive_int, default=1, help="batch size for symbolic dims (default 1)")
     pl.add_argument("--check", action="store_true", help="run the stages in-process and report max_abs_diff")
     pl.add_argument("--seed", type=int, default=0, help="seed of the random inputs used by --check")
@@ -177,6 +534,87 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--profiles-file")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_profiles)
+
+    nd = sub.add_parser("node", help="run a node agent")
+    nd.add_argument("--name", required=True)
+    nd.add_argument(
+        "--profile", default="cpu", help="device class this node presents (cpu, gpu, npu, tpu, mcu, …)"
+    )
+    nd.add_argument("--profiles-file")
+    nd.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve on (default 127.0.0.1:0)")
+    nd.add_argument(
+        "--interface",
+        action="append",
+        metavar="ADDR",
+        help="IPv4 address mDNS uses (default: the --listen host)",
+    )
+    nd.add_argument("--discovery", choices=["mdns", "static", "none"], default="mdns")
+    nd.add_argument("--peers", default="")
+    nd.add_argument("--mesh", default="")
+    nd.add_argument("--pace", action="store_true", help="take the time the profile predicts for each stage")
+    nd.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads per stage")
+    nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
+    nd.set_defaults(func=cmd_node)
+
+    pe = sub.add_parser("peers", help="the nodes this host can see and their capabilities")
+    _add_mesh_flags(pe)
+    pe.add_argument("--json", action="store_true")
+    pe.set_defaults(func=cmd_peers)
+
+    rn = sub.add_parser("run", help="plan over the discovered swarm, deploy, run, report")
+    rn.add_argument("model")
+    rn.add_argument("--inputs", required=True)
+    rn.add_argument("--outputs")
+    _constraints_flags(rn)
+    _add_mesh_flags(rn)
+    rn.add_argument("--json", action="store_true")
+    rn.set_defaults(func=cmd_run)
+
+    dp = sub.add_parser("deploy", help="plan, deploy and leave a named pipeline serving")
+    dp.add_argument("model")
+    dp.add_argument("--name", required=True)
+    dp.add_argument("--entry", help="node that hosts the deployment's entry (default: stage 0's)")
+    _constraints_flags(dp)
+    _add_mesh_flags(dp)
+    dp.add_argument("--json", action="store_true")
+    dp.set_defaults(func=cmd_deploy)
+
+    inf = sub.add_parser("infer", help="run requests through a long-lived deployment")
+    inf.add_argument("name")
+    inf.add_argument("--inputs", required=True)
+    inf.add_argument("--outputs")
+    _add_mesh_flags(inf)
+    inf.add_argument("--json", action="store_true")
+    inf.set_defaults(func=cmd_infer)
+
+    dl = sub.add_parser("deployments", help="list long-lived deployments")
+    _add_mesh_flags(dl)
+    dl.add_argument("--json", action="store_true")
+    dl.set_defaults(func=cmd_deployments)
+
+    ud = sub.add_parser("undeploy", help="release a long-lived deployment")
+    ud.add_argument("name")
+    _add_mesh_flags(ud)
+    ud.add_argument("--json", action="store_true")
+    ud.set_defaults(func=cmd_undeploy)
+
+    si = sub.add_parser(
+        "sim", help="a real swarm of node processes on loopback, checked against the whole model"
+    )
+    si.add_argument("--nodes", type=_positive_int)
+    si.add_argument("--profiles", default="", help="one device class per node (default: every node cpu)")
+    si.add_argument("--profiles-file")
+    si.add_argument("--model", required=True)
+    si.add_argument("--requests", type=_positive_int, default=100)
+    _constraints_flags(si)
+    si.add_argument("--inputs")
+    si.add_argument("--outputs")
+    si.add_argument("--seed", type=int, default=0)
+    si.add_argument("--pace", action="store_true")
+    si.add_argument("--window", type=_positive_int, default=8, help="requests in flight")
+    si.add_argument("--batch", type=_positive_int, default=1)
+    si.add_argument("--json", action="store_true")
+    si.set_defaults(func=cmd_sim)
     return p
 
 

@@ -867,16 +867,30 @@ class StaticDiscovery(Discovery):
 # --------------------------------------------------------------------------- factory
 
 
+def service_type_for(mesh: str = "") -> str:
+    """The mDNS service type of a mesh: ``_meshai._tcp.local.`` for the default mesh.
+
+    A named mesh (``--mesh ID``, 1-10 of [a-z0-9]) gets ``_m-ID._tcp.local.``, so that several swarms —
+    simulations run side by side on one loopback, say — never see each other's nodes.
+    """
+    if not mesh:
+        return SERVICE_TYPE
+    if not re.fullmatch(r"[a-z0-9]{1,10}", mesh):
+        raise ConfigError(f"mesh id {mesh!r} must be 1-10 characters of [a-z0-9]")
+    return f"_m-{mesh}._tcp.local."
+
+
 def make_discovery(
     mode: str,
     interfaces: Sequence[str] = ("127.0.0.1",),
     peers: str | Sequence[str] = (),
+    mesh: str = "",
 ) -> Discovery:
     """Build a discovery backend: "mdns" (on `interfaces`) or "static" (from `peers`); raises ConfigError."""
     if mode == "mdns":
         if peers:
             raise ConfigError("a peer list is only used with discovery mode 'static', not 'mdns'")
-        return MdnsDiscovery(interfaces)
+        return MdnsDiscovery(interfaces, service_type=service_type_for(mesh))
     if mode == "static":
         return StaticDiscovery(peers)
     raise ConfigError(f"unknown discovery mode {mode!r}; expected 'mdns' or 'static'")

@@ -307,14 +307,15 @@ class Channel:
             for piece in pieces:  # the default writelines would join (copy) the tensors
                 transport.write(piece)
 
-    async def _await_hello(self, timeout: float, who: str) -> Hello:
+    async def _await_hello(self, timeout: float, who: str, shown: float | None = None) -> Hello:
         """Wait for the peer's Hello; PeerError on timeout or if the channel closes first."""
         try:
             async with asyncio.timeout(timeout):
                 await self._hello_seen.wait()
         except TimeoutError:
-            text = f"no hello from {who} within {timeout:g} s"
-            self._shutdown(text, error=Error(None, "hello_timeout", f"no hello within {timeout:g} s"))
+            within = f"within {timeout if shown is None else shown:g} s"
+            text = f"no hello from {who} {within}"
+            self._shutdown(text, error=Error(None, "hello_timeout", f"no hello {within}"))
             raise PeerError(text) from None
         hello = self._conn.their_hello
         if hello is None:
@@ -484,6 +485,8 @@ async def connect(
 ) -> Channel:
     """Connect over TCP (TLS with ``ssl``), send ``hello``, await the peer's; PeerError on failure."""
     opts = _Options(**options)
+    if server_hostname is not None and ssl is None:
+        raise ConfigError(f"server_hostname {server_hostname!r} needs an ssl context")
     where = _address((host, port))
     loop = asyncio.get_running_loop()
     conn = Connection(hello.node_id, hello.role, limits)
@@ -505,7 +508,7 @@ async def connect(
         raise PeerError(f"cannot connect to {where}: {exc}") from exc
     try:
         channel._write(hello)
-        await channel._await_hello(max(0.0, deadline - loop.time()), where)
+        await channel._await_hello(max(0.0, deadline - loop.time()), where, timeout)
     except BaseException:
         await channel.close()
         raise

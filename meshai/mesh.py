@@ -1,0 +1,326 @@
+"""The public API: ``Mesh`` (peers, plan, deploy) and the ``Pipeline`` a deployment gives you.
+
+```python
+async with Mesh() as mesh:
+    await mesh.wait_for_peers(3)
+    plan, model = mesh.plan("squeezenet", objective="throughput", stages=3)
+    async with mesh.deploy(plan, model) as pipeline:
+        out = await pipeline.infer({"data_0": x})
+        async for out in pipeline.stream(batches):
+            ...
+```
+
+Composition layer: this module wires discovery, the transport, the planner and the pipeline together.
+Leaving a block stops every task and closes every socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from meshai.capabilities import NodeCapability, capability_from_dict
+from meshai.discovery import Advert, Discovery, make_discovery
+from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError
+from meshai.peers import PeerPool
+from meshai.pipeline import Pipeline, stage_deployment_id
+from meshai.plan import Constraints, Plan
+from meshai.planning import LoadedModel, load_for_planning, make_plan, stage_models
+from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result
+from meshai.transport import Channel
+
+__all__ = ["Mesh", "Peer", "Pipeline", "RemoteDeployment"]
+
+
+@dataclass(frozen=True, slots=True)
+class Peer:
+    """A node this mesh can use: its advert (how it was found) and its full capabilities (from its hello)."""
+
+    name: str
+    address: str
+    capability: NodeCapability
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {"name": self.name, "address": self.address, "capabilities": self.capability.to_dict()}
+
+
+class Mesh:
+    """A caller's view of the swarm: discovery, channels to nodes, planning and deployment."""
+
+    def __init__(
+        self,
+        *,
+        interfaces: Sequence[str] = ("127.0.0.1",),
+        discovery: str = "mdns",
+        peers: Sequence[str] = (),
+        mesh: str = "",
+        name: str | None = None,
+    ) -> None:
+        self.name = name or f"client-{secrets.token_hex(3)}"
+        self._discovery: Discovery = make_discovery(discovery, interfaces, peers, mesh)
+        self.pool = PeerPool(self._hello, self._on_message, None, self._on_lost)
+        self._pipelines: dict[str, Pipeline] = {}
+        self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._peers: dict[str, Peer] = {}
+        self._next_rid = 1
+
+    def _hello(self) -> Hello:
+        return Hello(self.name, PROTOCOL_VERSION, "client", {}, "")
+
+    async def __aenter__(self) -> Mesh:
+        await self._discovery.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close every pipeline, channel and the discovery."""
+        for p in list(self._pipelines.values()):
+            with contextlib.suppress(MeshaiError):
+                await p.close()
+        self._pipelines.clear()
+        await self.pool.close()
+        with contextlib.suppress(Exception):
+            await self._discovery.__aexit__(None, None, None)
+
+    # ----- peers
+
+    async def _connect_advert(self, advert: Advert) -> Peer | None:
+        address = f"{advert.host}:{advert.port}"
+        if advert.node_id == address:  # a static-list placeholder: the hello names the node
+            ch = await self.pool.connect_address(address)
+        else:
+            ch = await self.pool.get(advert.node_id, address)
+        hello = ch.their_hello
+        if hello.role != "node":
+            return None
+        peer = Peer(hello.node_id, hello.listen or address, capability_from_dict(hello.capabilities))
+        self._peers[peer.name] = peer
+        return peer
+
+    async def wait_for_peers(self, n: int = 1, timeout: float = 10.0) -> dict[str, Peer]:
+        """Wait until ``n`` nodes are found and connected; PeerError says how many were."""
+        deadline = time.monotonic() + timeout
+        await self._discovery.wait_for(n, timeout)
+        while True:
+            adverts = self._discovery.peers()
+            results = await asyncio.gather(
+                *(self._connect_advert(a) for a in adverts.values() if a.node_id not in self._peers),
+                return_exceptions=True,
+            )
+            for r in results:
+                if isinstance(r, BaseException) and not isinstance(r, MeshaiError):
+                    raise r
+            live = self.peers()
+            if len(live) >= n:
+                return live
+            if time.monotonic() > deadline:
+                raise PeerError(
+                    f"found {len(live)} of {n} nodes within {timeout:g} s ({', '.join(sorted(live))})"
+                )
+            await asyncio.sleep(0.05)
+
+    def peers(self) -> dict[str, Peer]:
+        """Connected nodes by name."""
+        live = self.pool.live()
+        return {k: p for k, p in sorted(self._peers.items()) if k in live}
+
+    def capabilities(self, names: Sequence[str] | None = None) -> list[NodeCapability]:
+        """Capabilities of the connected nodes (in name order, or in the order given)."""
+        peers = self.peers()
+        order = list(names) if names is not None else sorted(peers)
+        missing = [n for n in order if n not in peers]
+        if missing:
+            raise PeerError(f"node {missing[0]!r} is not connected (connected: {', '.join(sorted(peers))})")
+        return [peers[n].capability for n in order]
+
+    async def status(self, node: str) -> dict[str, Any]:
+        """A node's own status report."""
+        reply = await self.pool.control(node, "status")
+        return dict(reply.body)
+
+    # ----- plan and deploy
+
+    def plan(
+        self,
+        model: str | LoadedModel,
+        *,
+        objective: str = "latency",
+        stages: int | None = None,
+        pins: Mapping[str, str] | None = None,
+        nodes: Sequence[str] | None = None,
+        batch: int = 1,
+    ) -> tuple[Plan, LoadedModel]:
+        """Plan ``model`` over the connected nodes (pure planner; nothing is deployed)."""
+        loaded = model if isinstance(model, LoadedModel) else load_for_planning(model, batch=batch)
+        caps = self.capabilities(nodes)
+        if not caps:
+            raise PeerError("no nodes connected: call wait_for_peers() first")
+        return make_plan(
+            loaded, caps, Constraints(objective=objective, stages=stages, pins=dict(pins or {}))
+        ), loaded
+
+    async def deploy_pipeline(
+        self,
+        plan: Plan,
+        model: LoadedModel,
+        *,
+        window: int = 16,
+        name: str | None = None,
+        request_timeout: float = 120.0,
+    ) -> Pipeline:
+        """Deploy ``plan``'s stages and return the running Pipeline (close it with ``await p.close()``)."""
+        pipe = Pipeline(name or model.name, plan, self.pool, window=window, request_timeout=request_timeout)
+        for node in pipe.nodes:
+            peer = self._peers.get(node)
+            if peer is None:
+                raise PeerError(f"plan names node {node!r}, which this mesh has not connected")
+            self.pool.remember(node, peer.address)
+        self._pipelines[pipe.stage_deployment] = pipe
+        try:
+            blobs = [m.SerializeToString() for m in stage_models(model, plan)]
+            await pipe.deploy(blobs)
+        except BaseException:
+            self._pipelines.pop(pipe.stage_deployment, None)
+            raise
+        return pipe
+
+    @contextlib.asynccontextmanager
+    async def deploy(
+        self, plan: Plan, model: LoadedModel, *, window: int = 16, request_timeout: float = 120.0
+    ) -> AsyncIterator[Pipeline]:
+        """``async with mesh.deploy(plan, model) as pipeline``: stages released on exit."""
+        pipe = await self.deploy_pipeline(plan, model, window=window, request_timeout=request_timeout)
+        try:
+            yield pipe
+        finally:
+            self._pipelines.pop(pipe.stage_deployment, None)
+            await pipe.close()
+
+    # ----- long-lived deployments
+
+    async def deploy_named(
+        self, name: str, plan: Plan, model: LoadedModel, entry: str | None = None
+    ) -> dict[str, Any]:
+        """Deploy and leave serving: the stages stay, their entry lives on a node (``entry`` or stage 0's)."""
+        if not name or len(name) > 63:
+            raise ConfigError(f"deployment name must be 1-63 characters, got {name!r}")
+        existing = await self.deployments()
+        if any(d["name"] == name for d in existing):
+            raise DeploymentError(f"a deployment named {name!r} already exists")
+        entry = entry or plan.stages[0].node
+        if entry not in self.peers():
+            raise PeerError(f"entry node {entry!r} is not connected")
+        sid = stage_deployment_id(name)
+        pipe = Pipeline(name, plan, self.pool, stage_id=sid, owner=False)
+        for node in pipe.nodes:
+            self.pool.remember(node, self._peers[node].address)
+        self._pipelines[sid] = pipe
+        try:
+            blobs = [m.SerializeToString() for m in stage_models(model, plan)]
+            await pipe.deploy(blobs)
+            addresses = {n: self._peers[n].address for n in pipe.nodes}
+            reply = await self.pool.control(
+                entry,
+                "host",
+                {"name": name, "plan": plan.to_dict(), "stage_deployment": sid, "addresses": addresses},
+            )
+            if not reply.ok:
+                await pipe.undeploy()
+                raise DeploymentError(f"entry {entry!r} refused to host {name!r}: {reply.body.get('error')}")
+            for node in pipe.nodes:
+                await self.pool.control(node, "adopt_stages", {"stage_deployment": sid, "entry": entry})
+        finally:
+            self._pipelines.pop(sid, None)
+        return {"name": name, "entry": entry, "plan": plan.to_dict()}
+
+    async def deployments(self) -> list[dict[str, Any]]:
+        """Long-lived deployments hosted by any connected node."""
+        out: list[dict[str, Any]] = []
+        for node in sorted(self.peers()):
+            try:
+                reply = await self.pool.control(node, "deployments", timeout=5.0)
+            except PeerError:
+                continue
+            out.extend(reply.body.get("deployments", []))
+        return out
+
+    async def attach(self, name: str) -> RemoteDeployment:
+        """A handle on a long-lived deployment by name (its entry is found among the connected nodes)."""
+        for d in await self.deployments():
+            if d["name"] == name:
+                return RemoteDeployment(self, name, str(d["entry"]), Plan.from_dict(d["plan"]))
+        raise DeploymentError(f"no deployment named {name!r} on the mesh")
+
+    async def undeploy(self, name: str) -> None:
+        """Release a long-lived deployment (its entry undeploys every stage)."""
+        for d in await self.deployments():
+            if d["name"] == name:
+                reply = await self.pool.control(str(d["entry"]), "undeploy", {"name": name})
+                if not reply.ok:
+                    raise DeploymentError(str(reply.body.get("error")))
+                return
+        raise DeploymentError(f"no deployment named {name!r} on the mesh")
+
+    # ----- message routing
+
+    async def _on_message(self, peer: str, msg: Message, ch: Channel) -> None:
+        dep = getattr(msg, "deployment", None)
+        if isinstance(msg, Result | Error) and msg.request_id is not None:
+            fut = self._remote_waiters.pop((peer, msg.request_id), None)
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+                return
+        if dep is not None and dep in self._pipelines:
+            await self._pipelines[dep].on_message(peer, msg, ch)
+
+    async def _on_lost(self, peer: str, reason: str) -> None:
+        self._discovery.forget(peer)
+        for p in list(self._pipelines.values()):
+            await p.on_lost(peer, reason)
+        for (node, _rid), fut in list(self._remote_waiters.items()):
+            if node == peer and not fut.done():
+                fut.set_exception(PeerError(f"entry node {peer!r} is gone: {reason}"))
+
+    def _remote_rid(self) -> int:
+        self._next_rid += 1
+        return self._next_rid
+
+
+class RemoteDeployment:
+    """A long-lived deployment used through its entry node (``Mesh.attach``)."""
+
+    def __init__(self, mesh: Mesh, name: str, entry: str, plan: Plan) -> None:
+        self.mesh = mesh
+        self.name = name
+        self.entry = entry
+        self.plan = plan
+
+    async def infer(self, inputs: Mapping[str, np.ndarray], timeout: float = 120.0) -> dict[str, np.ndarray]:
+        """Run one request through the deployment's entry."""
+        rid = self.mesh._remote_rid()
+        fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self.mesh._remote_waiters[(self.entry, rid)] = fut
+        try:
+            await self.mesh.pool.send(
+                self.entry, Infer(rid, self.name, {k: np.asarray(v) for k, v in inputs.items()})
+            )
+            async with asyncio.timeout(timeout):
+                msg = await fut
+        except TimeoutError:
+            raise InferenceError(f"deployment {self.name!r}: no result within {timeout:g} s") from None
+        finally:
+            self.mesh._remote_waiters.pop((self.entry, rid), None)
+        if isinstance(msg, Error):
+            raise InferenceError(f"deployment {self.name!r}: {msg.message}")
+        assert isinstance(msg, Result)
+        return dict(msg.tensors)

@@ -1,0 +1,297 @@
+"""A deployed plan seen from its entry: deploy stages, submit requests, collect results in order.
+
+The entry is the caller's process (``meshai run``, ``meshai sim``, ``Mesh.deploy``) or, for a
+long-lived deployment, a node that hosts it.  The entry sends each request's graph inputs to the
+stages that read them; stages forward activations straight to each other; the stages that produce
+graph outputs send ``Result`` back to the entry.  A request that touches a node which dies fails with
+a ``PeerError`` naming it; a request never waits forever (``request_timeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from meshai.errors import DeploymentError, InferenceError, PeerError
+from meshai.peers import PeerPool
+from meshai.plan import Plan
+from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy
+from meshai.transport import Channel
+
+Tensors = dict[str, np.ndarray]
+
+
+def stage_deployment_id(name: str) -> str:
+    """The id stages of one deployment of ``name`` are registered under (new for every deploy)."""
+    return f"{name}.{secrets.token_hex(4)}"
+
+
+@dataclass
+class PipelineStats:
+    """What the entry measured: per-request latency, bytes sent, outcomes."""
+
+    latencies_s: list[float] = field(default_factory=list)
+    ok: int = 0
+    errors: int = 0
+    bytes_sent: int = 0
+    first_sent: float | None = None
+    last_result: float | None = None
+
+
+class Pipeline:
+    """Requests in, results out, in submission order, with a bounded number in flight."""
+
+    def __init__(
+        self,
+        name: str,
+        plan: Plan,
+        pool: PeerPool,
+        *,
+        stage_id: str | None = None,
+        window: int = 16,
+        request_timeout: float = 120.0,
+        owner: bool = True,
+    ) -> None:
+        self.name = name
+        self.plan = plan
+        self.pool = pool
+        self.stage_deployment = stage_id or stage_deployment_id(name)
+        self.window = window
+        self.request_timeout = request_timeout
+        self.owner = owner
+        self.stats = PipelineStats()
+        self._sem = asyncio.Semaphore(window)
+        self._next = 1
+        self._futures: dict[int, asyncio.Future[Tensors]] = {}
+        self._partial: dict[int, Tensors] = {}
+        self._started: dict[int, float] = {}
+        self._deployed: dict[int, asyncio.Future[Deployed]] = {}
+        self._closed = False
+        self.input_routes: dict[str, list[str]] = {}  # node -> graph inputs it reads
+        for s in plan.stages:
+            mine = [t for t in s.inputs if t in plan.inputs]
+            if mine:
+                self.input_routes[s.node] = mine
+        self.nodes = tuple(s.node for s in plan.stages)
+
+    # ----- deployment
+
+    def deploy_messages(
+        self, stage_models: Sequence[bytes], options: Mapping[str, Any] | None = None
+    ) -> list[Deploy]:
+        """One Deploy message per stage (what ``deploy`` sends)."""
+        if len(stage_models) != len(self.plan.stages):
+            raise DeploymentError(f"{len(stage_models)} stage models for {len(self.plan.stages)} stages")
+        node_of = {s.id: s.node for s in self.plan.stages}
+        addresses = {n: self.pool.address_of(n) or "" for n in self.nodes}
+        out = []
+        for s, model in zip(self.plan.stages, stage_models, strict=True):
+            routes = {t: tuple(node_of[d] for d in dests) for t, dests in s.routes.items()}
+            opts = dict(options or {})
+            opts.update(
+                {
+                    "addresses": addresses,
+                    "predicted_ms": s.predicted_ms,
+                    "precision": s.precision,
+                    "to_entry": [t for t in s.outputs if t in self.plan.outputs],
+                    "name": self.name,
+                }
+            )
+            out.append(
+                Deploy(
+                    deployment=self.stage_deployment,
+                    stage_id=s.id,
+                    model=model,
+                    sha256=hashlib.sha256(model).hexdigest(),
+                    inputs=tuple(s.inputs),
+                    outputs=tuple(s.outputs),
+                    routes=routes,
+                    options=opts,
+                )
+            )
+        return out
+
+    async def deploy(
+        self, stage_models: Sequence[bytes], options: Mapping[str, Any] | None = None, timeout: float = 120.0
+    ) -> None:
+        """Send every stage to its node and wait until all are loaded; DeploymentError names a refusal."""
+        msgs = self.deploy_messages(stage_models, options)
+        loop = asyncio.get_running_loop()
+        for m in msgs:
+            self._deployed[m.stage_id] = loop.create_future()
+        await asyncio.gather(
+            *(self.pool.send(s.node, m) for s, m in zip(self.plan.stages, msgs, strict=True))
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                acks = await asyncio.gather(*self._deployed.values())
+        except TimeoutError:
+            missing = [self.plan.stages[k].node for k, f in self._deployed.items() if not f.done()]
+            raise DeploymentError(
+                f"no answer to deploy from {', '.join(missing)} within {timeout:g} s"
+            ) from None
+        bad = [a for a in acks if not a.ok]
+        if bad:
+            await self.undeploy()
+            b = bad[0]
+            raise DeploymentError(
+                f"node {self.plan.stages[b.stage_id].node!r} refused stage {b.stage_id}: {b.message}"
+            )
+
+    async def undeploy(self) -> None:
+        """Release every stage (best effort)."""
+        for node in self.nodes:
+            with contextlib.suppress(PeerError):
+                await self.pool.send(node, Undeploy(self.stage_deployment))
+
+    # ----- requests
+
+    async def submit(self, inputs: Mapping[str, np.ndarray]) -> asyncio.Future[Tensors]:
+        """Send one request (waits while ``window`` are in flight); returns the future of its outputs."""
+        missing = [t for t in self.plan.inputs if t not in inputs]
+        if missing:
+            raise InferenceError(
+                f"request is missing input {missing[0]!r} (inputs: {', '.join(self.plan.inputs)})"
+            )
+        if self._closed:
+            raise InferenceError(f"pipeline {self.name!r} is closed")
+        await self._sem.acquire()
+        rid = self._next
+        self._next += 1
+        fut: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(lambda _f: self._sem.release())
+        self._futures[rid] = fut
+        self._partial[rid] = {}
+        now = time.perf_counter()
+        self._started[rid] = now
+        if self.stats.first_sent is None:
+            self.stats.first_sent = now
+        try:
+            for node, names in self.input_routes.items():
+                msg = Infer(rid, self.stage_deployment, {t: np.asarray(inputs[t]) for t in names})
+                await self.pool.send(node, msg)
+                self.stats.bytes_sent += sum(np.asarray(inputs[t]).nbytes for t in names)
+        except PeerError as exc:
+            self._fail(rid, PeerError(f"request {rid}: {exc}"))
+        return fut
+
+    async def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
+        """Run one request and return its outputs."""
+        fut = await self.submit(inputs)
+        return await self._await(fut)
+
+    async def _await(self, fut: asyncio.Future[Tensors]) -> Tensors:
+        try:
+            async with asyncio.timeout(self.request_timeout):
+                return await asyncio.shield(fut)
+        except TimeoutError:
+            rid = next((k for k, f in self._futures.items() if f is fut), -1)
+            err = InferenceError(f"request {rid} got no result within {self.request_timeout:g} s")
+            self._fail(rid, err)
+            raise err from None
+
+    async def stream(
+        self, batches: Iterable[Mapping[str, np.ndarray]] | AsyncIterable[Mapping[str, np.ndarray]]
+    ) -> AsyncIterator[Tensors | BaseException]:
+        """Results in submission order, up to ``window`` in flight; a failed request yields its exception."""
+        queue: asyncio.Queue[asyncio.Future[Tensors] | None] = asyncio.Queue()
+
+        async def feed() -> None:
+            try:
+                if isinstance(batches, AsyncIterable):
+                    async for b in batches:
+                        await queue.put(await self.submit(b))
+                else:
+                    for b in batches:
+                        await queue.put(await self.submit(b))
+            finally:
+                await queue.put(None)
+
+        feeder = asyncio.get_running_loop().create_task(feed(), name=f"meshai-feed {self.name}")
+        try:
+            while True:
+                fut = await queue.get()
+                if fut is None:
+                    break
+                try:
+                    yield await self._await(fut)
+                except (InferenceError, PeerError) as exc:
+                    yield exc
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+
+    # ----- messages from stage nodes
+
+    async def on_message(self, peer: str, msg: Message, ch: Channel | None = None) -> None:
+        """Handle Result, Error and Deployed messages for this pipeline."""
+        if isinstance(msg, Result):
+            part = self._partial.get(msg.request_id)
+            if part is None:
+                return  # late or duplicate
+            part.update(msg.tensors)
+            if all(t in part for t in self.plan.outputs):
+                fut = self._futures.pop(msg.request_id, None)
+                self._partial.pop(msg.request_id, None)
+                started = self._started.pop(msg.request_id, None)
+                if fut is not None and not fut.done():
+                    now = time.perf_counter()
+                    if started is not None:
+                        self.stats.latencies_s.append(now - started)
+                    self.stats.last_result = now
+                    self.stats.ok += 1
+                    fut.set_result({t: part[t] for t in self.plan.outputs})
+        elif isinstance(msg, Error):
+            if msg.request_id is not None and msg.request_id in self._futures:
+                self._fail(
+                    msg.request_id,
+                    InferenceError(f"request {msg.request_id} failed on {peer!r}: {msg.message}"),
+                )
+        elif isinstance(msg, Deployed):
+            fut2 = self._deployed.get(msg.stage_id)
+            if fut2 is not None and not fut2.done():
+                fut2.set_result(msg)
+
+    async def on_lost(self, peer: str, reason: str) -> None:
+        """A node of this plan is gone: every request in flight fails, naming it."""
+        if peer not in self.nodes:
+            return
+        stage = next(s.id for s in self.plan.stages if s.node == peer)
+        for rid in list(self._futures):
+            self._fail(
+                rid, PeerError(f"request {rid} failed: node {peer!r} (stage {stage}) is gone: {reason}")
+            )
+        for k, f in self._deployed.items():
+            if not f.done() and self.plan.stages[k].node == peer:
+                f.set_result(Deployed(self.stage_deployment, k, False, f"node {peer!r} is gone: {reason}"))
+
+    def _fail(self, rid: int, exc: BaseException) -> None:
+        fut = self._futures.pop(rid, None)
+        self._partial.pop(rid, None)
+        self._started.pop(rid, None)
+        if fut is not None and not fut.done():
+            self.stats.errors += 1
+            fut.set_exception(exc)
+            fut.exception()  # mark retrieved; the awaiting caller still sees it
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered."""
+        return len(self._futures)
+
+    async def close(self) -> None:
+        """Fail what is still in flight and, if this entry deployed the stages, release them."""
+        self._closed = True
+        for rid in list(self._futures):
+            self._fail(rid, InferenceError(f"pipeline {self.name!r} closed before request {rid} finished"))
+        if self.owner:
+            await self.undeploy()

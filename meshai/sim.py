@@ -1,0 +1,292 @@
+"""``meshai sim``: a real swarm of node processes on loopback, planned, deployed, streamed, checked.
+
+Starts N ``meshai node`` processes (real mDNS on 127.0.0.1, a mesh id of its own so side-by-side
+simulations never see each other), waits until the caller sees every node, plans the model over
+them, deploys, streams R requests through the pipeline, compares every result with the whole model
+run by onnxruntime in this process, and stops every process — also on Ctrl-C or error.
+Composition layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from meshai.errors import ConfigError, MeshaiError, PeerError
+from meshai.progress import Progress
+
+
+@dataclass(frozen=True, slots=True)
+class SimOptions:
+    """Everything ``meshai sim`` takes (ARCHITECTURE.md's Interfaces)."""
+
+    model: str
+    nodes: int = 3
+    profiles: tuple[str, ...] = ()
+    requests: int = 100
+    objective: str = "latency"
+    stages: int | None = None
+    pins: dict[str, str] = field(default_factory=dict)
+    inputs: str | None = None
+    outputs: str | None = None
+    seed: int = 0
+    pace: bool = False
+    window: int = 8
+    batch: int = 1
+    profiles_file: str | None = None
+    discovery_timeout: float = 30.0
+
+
+def _profile_names(opts: SimOptions) -> list[str]:
+    if not opts.profiles:
+        return ["cpu"] * opts.nodes
+    if len(opts.profiles) != opts.nodes:
+        raise ConfigError(f"--profiles names {len(opts.profiles)} nodes but --nodes is {opts.nodes}")
+    return list(opts.profiles)
+
+
+class NodeProcesses:
+    """``meshai node`` child processes, ended by pid when the block exits (SIGTERM, then SIGKILL)."""
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        profiles: Sequence[str],
+        mesh: str,
+        pace: bool,
+        profiles_file: str | None = None,
+        extra: Sequence[str] = (),
+    ) -> None:
+        self.names = list(names)
+        self.profiles = list(profiles)
+        self.mesh = mesh
+        self.pace = pace
+        self.profiles_file = profiles_file
+        self.extra = list(extra)
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.logdir = Path(tempfile.mkdtemp(prefix="meshai-sim-"))
+        self.started_at = 0.0
+
+    def command(self, name: str, profile: str) -> list[str]:
+        """The command line of one node process."""
+        cmd = [
+            sys.executable,
+            "-m",
+            "meshai",
+            "node",
+            "--name",
+            name,
+            "--profile",
+            profile,
+            "--listen",
+            "127.0.0.1:0",
+            "--interface",
+            "127.0.0.1",
+            "--mesh",
+            self.mesh,
+        ]
+        if self.pace:
+            cmd.append("--pace")
+        if self.profiles_file:
+            cmd += ["--profiles-file", self.profiles_file]
+        return cmd + self.extra
+
+    def __enter__(self) -> NodeProcesses:
+        self.started_at = time.monotonic()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        try:
+            for name, prof in zip(self.names, self.profiles, strict=True):
+                log = open(self.logdir / f"{name}.log", "wb")
+                self.procs[name] = subprocess.Popen(
+                    self.command(name, prof),
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    env=env,
+                    start_new_session=True,
+                )
+                log.close()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def check_alive(self) -> None:
+        """Raise PeerError naming a node process that exited on its own (with its last log line)."""
+        for name, p in self.procs.items():
+            if p.poll() is not None:
+                tail = self.log_tail(name)
+                raise PeerError(f"node process {name!r} exited with code {p.returncode}: {tail}")
+
+    def log_tail(self, name: str) -> str:
+        """The last line a node wrote to stderr."""
+        try:
+            lines = (self.logdir / f"{name}.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1] if lines else ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Send ``sig`` to one node process (by its pid)."""
+        p = self.procs[name]
+        if p.poll() is None:
+            os.kill(p.pid, sig)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """End every node process we started: SIGTERM (clean goodbye), then SIGKILL after ``grace``."""
+        for p in self.procs.values():
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGKILL)
+                p.wait()
+
+
+def _percentiles(values_s: Sequence[float]) -> dict[str, float]:
+    if not values_s:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    ms = np.asarray(values_s) * 1e3
+    return {k: round(float(np.percentile(ms, q)), 3) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+
+
+def _requests(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]]:
+    from meshai.tensors import load_npz, random_inputs, request_slices
+
+    if opts.inputs:
+        data = load_npz(opts.inputs, list(loaded.graph.inputs))
+        reqs = request_slices(data)
+        if not reqs:
+            raise ConfigError(f"--inputs {opts.inputs!r} holds no requests")
+        return reqs
+    stacked = random_inputs(loaded.model, batch=opts.batch, seed=opts.seed, requests=opts.requests)
+    return request_slices(stacked)
+
+
+async def run_sim(opts: SimOptions) -> dict[str, Any]:
+    """Run one simulation and return the report (the JSON ``meshai sim --json`` prints)."""
+    from meshai.mesh import Mesh
+    from meshai.planning import load_for_planning
+    from meshai.tensors import max_abs_diff, save_npz, stack_requests
+    from nodes.executor import StageSession
+
+    if opts.nodes < 1:
+        raise ConfigError(f"--nodes must be >= 1, got {opts.nodes}")
+    profiles = _profile_names(opts)
+    from meshai.capabilities import load_profiles, resolve_profiles
+
+    resolve_profiles(profiles, load_profiles(opts.profiles_file) if opts.profiles_file else None)
+    loaded = load_for_planning(opts.model, batch=opts.batch)  # fail on a bad model before starting anything
+    requests = _requests(opts, loaded)
+    names = [f"n{i}" for i in range(opts.nodes)]
+    mesh_id = secrets.token_hex(4)
+    with NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file) as procs:
+        async with Mesh(mesh=mesh_id, name="sim") as mesh:
+            try:
+                await mesh.wait_for_peers(opts.nodes, timeout=opts.discovery_timeout)
+            except PeerError:
+                procs.check_alive()
+                raise
+            discovery_s = time.monotonic() - procs.started_at
+            plan, _ = mesh.plan(
+                loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names
+            )
+            results: list[dict[str, np.ndarray] | BaseException] = []
+            async with mesh.deploy(plan, loaded, window=opts.window) as pipe:
+                sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
+                with Progress("requests", len(requests)) as bar:
+                    async for out in pipe.stream(requests):
+                        results.append(out)
+                        bar.advance()
+                stats = pipe.stats
+                bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
+                node_bytes = await _node_bytes(mesh, names)
+    # reference: the whole model in this process, after the timed run
+    ref = StageSession(loaded.model, name=f"whole {loaded.name}")
+    worst = 0.0
+    errors = 0
+    first_error = ""
+    ok_outputs: list[dict[str, np.ndarray]] = []
+    for req, res in zip(requests, results, strict=True):
+        if isinstance(res, BaseException):
+            errors += 1
+            first_error = first_error or str(res)
+            continue
+        want = ref.run(req)
+        worst = max(worst, max_abs_diff(res, want))
+        ok_outputs.append(res)
+    if opts.outputs and ok_outputs:
+        save_npz(opts.outputs, stack_requests(ok_outputs))
+    wall = (stats.last_result - stats.first_sent) if stats.first_sent and stats.last_result else 0.0
+    report: dict[str, Any] = {
+        "plan": plan.to_dict(),
+        "requests": len(requests),
+        "ok": len(ok_outputs),
+        "errors": errors,
+        "max_abs_diff": worst,
+        "latency_ms": _percentiles(stats.latencies_s),
+        "throughput_rps": round(len(ok_outputs) / wall, 3) if wall > 0 else 0.0,
+        "discovery_s": round(discovery_s, 3),
+        "bytes_sent": bytes_sent + node_bytes,
+        "bytes_sent_caller": bytes_sent,
+        "nodes": [{"name": n, "profile": p} for n, p in zip(names, profiles, strict=True)],
+        "model": loaded.name,
+    }
+    if first_error:
+        report["first_error"] = first_error
+    return report
+
+
+async def _node_bytes(mesh: Any, names: Sequence[str]) -> int:
+    total = 0
+    for n in names:
+        with contextlib.suppress(MeshaiError):
+            st = await mesh.status(n)
+            total += int(st.get("bytes_sent", 0))
+    return total
+
+
+def sim_table(report: dict[str, Any]) -> str:
+    """The readable summary of a sim report."""
+    from meshai.tables import format_table, human_bytes
+
+    lat = report["latency_ms"]
+    rows = [
+        ["model", report["model"]],
+        ["nodes", ", ".join(f"{n['name']}={n['profile']}" for n in report["nodes"])],
+        ["stages", " → ".join(f"{s['node']}({len(s['ops'])} ops)" for s in report["plan"]["stages"])],
+        ["requests", f"{report['ok']} ok, {report['errors']} errors of {report['requests']}"],
+        ["max abs diff vs whole model", f"{report['max_abs_diff']:.3g}"],
+        ["latency p50 / p95 / p99", f"{lat['p50']:.2f} / {lat['p95']:.2f} / {lat['p99']:.2f} ms"],
+        ["throughput", f"{report['throughput_rps']:.1f} req/s"],
+        ["discovery", f"{report['discovery_s']:.2f} s"],
+        ["bytes sent", human_bytes(report["bytes_sent"])],
+    ]
+    return format_table(["", ""], rows)
+
+
+def run_sim_blocking(opts: SimOptions) -> dict[str, Any]:
+    """``run_sim`` for synchronous callers."""
+    return asyncio.run(run_sim(opts))

@@ -1,0 +1,491 @@
+"""The node agent: serves the protocol, owns deployed stages, forwards outputs to the next stage.
+
+``async with NodeAgent(config) as agent`` listens, advertises itself over mDNS, and serves until the
+block ends; leaving it says goodbye to every peer, unregisters from mDNS and stops every task.
+
+A stage runs a request as soon as all its inputs have arrived, one request at a time per stage (an
+onnxruntime session in a worker thread), and sends each output straight to the node of the stage
+that reads it — not back through the caller.  Outputs of the whole model go to the deployment's entry.
+A node started with a profile it does not physically have (npu, tpu, mcu here) runs on onnxruntime's
+CPU provider, enforces that profile's op, precision and memory limits, says ``emulated: true`` in its
+capabilities, and with ``pace`` takes the time its profile predicts for each stage.
+
+A node may also host the entry of a long-lived deployment (``meshai deploy``): it keeps the Pipeline,
+takes requests from any client, and relays results back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from meshai.capabilities import NodeCapability
+from meshai.discovery import Advert, Discovery, make_discovery
+from meshai.errors import DeploymentError, MeshaiError, ModelError, PeerError
+from meshai.peers import PeerPool
+from meshai.pipeline import Pipeline
+from meshai.plan import Plan
+from meshai.protocol import (
+    PROTOCOL_VERSION,
+    Control,
+    ControlReply,
+    Deploy,
+    Deployed,
+    Error,
+    Hello,
+    Infer,
+    Message,
+    Result,
+    Undeploy,
+)
+from meshai.transport import Channel, Server
+
+if TYPE_CHECKING:
+    from nodes.executor import StageSession
+
+# onnx, onnxruntime and the scheduler are imported on the first deploy, so that a node starts
+# (and shows up in discovery) in a fraction of a second.
+
+log = logging.getLogger(__name__)
+
+#: A request whose inputs have not all arrived after this long is dropped (its upstream died).
+PENDING_TTL_S = 120.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    """How a node runs: identity, profile, where it listens and advertises."""
+
+    name: str
+    capability: NodeCapability
+    host: str = "127.0.0.1"
+    port: int = 0
+    interfaces: tuple[str, ...] = ("127.0.0.1",)
+    discovery: str = "mdns"  # "mdns", "static" or "none"
+    peers: tuple[str, ...] = ()
+    mesh: str = ""
+    pace: bool = False
+    threads: int = 1
+    providers: tuple[str, ...] | None = None
+
+
+@dataclass
+class _Stage:
+    """One deployed stage on this node."""
+
+    deployment: str
+    stage_id: int
+    name: str
+    session: StageSession
+    inputs: tuple[str, ...]
+    routes: dict[str, tuple[str, ...]]
+    to_entry: tuple[str, ...]
+    entry: str
+    pace_s: float
+    executor: ThreadPoolExecutor
+    queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
+    pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
+    arrived: dict[int, float] = field(default_factory=dict)
+    worker: asyncio.Task[None] | None = None
+    served: int = 0
+    busy_s: float = 0.0
+
+
+class NodeAgent:
+    """A meshai node: ``async with NodeAgent(cfg) as node: await node.serve_forever()``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.name = config.name
+        self._stages: dict[str, _Stage] = {}
+        self._entries: dict[str, Pipeline] = {}  # long-lived deployments hosted here, by public name
+        self._entry_by_stage: dict[str, Pipeline] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._server: Server | None = None
+        self._discovery: Discovery | None = None
+        self.pool = PeerPool(self._hello, self._on_message, self._on_control, self._on_lost)
+        self._stop = asyncio.Event()
+        self.started_at = time.time()
+        self.bytes_out = 0  # tensor bytes this node sent to other nodes and entries
+
+    # ----- lifecycle
+
+    @property
+    def address(self) -> str:
+        """``host:port`` this node serves on."""
+        if self._server is None:
+            raise PeerError(f"node {self.name!r} is not listening")
+        return f"{self.config.host}:{self._server.port}"
+
+    def _hello(self) -> Hello:
+        listen = self.address if self._server is not None else ""
+        return Hello(self.name, PROTOCOL_VERSION, "node", self.config.capability.to_dict(), listen)
+
+    async def __aenter__(self) -> NodeAgent:
+        self._server = Server(self.config.host, self.config.port, self._hello, self.pool.serve)
+        await self._server.__aenter__()
+        try:
+            if self.config.discovery != "none":
+                self._discovery = make_discovery(
+                    self.config.discovery, self.config.interfaces, self.config.peers, self.config.mesh
+                )
+                await self._discovery.__aenter__()
+                await self._discovery.register(
+                    Advert(
+                        self.name,
+                        self.config.host,
+                        self._server.port,
+                        PROTOCOL_VERSION,
+                        self.config.capability.summary(),
+                    )
+                )
+        except BaseException:
+            await self._server.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def serve_forever(self) -> None:
+        """Serve until ``stop()`` is called."""
+        await self._stop.wait()
+
+    def stop(self) -> None:
+        """Ask ``serve_forever`` to return (signal handlers call this)."""
+        self._stop.set()
+
+    async def close(self) -> None:
+        """Release everything: entries, stages, channels, mDNS, the listener."""
+        for entry in list(self._entries.values()):
+            with contextlib.suppress(MeshaiError):
+                await entry.close()
+        self._entries.clear()
+        for st in list(self._stages.values()):
+            self._release(st)
+        self._stages.clear()
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._discovery is not None:
+            with contextlib.suppress(Exception):
+                await self._discovery.__aexit__(None, None, None)
+        await self.pool.close()
+        if self._server is not None:
+            await self._server.close()
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # ----- dispatch
+
+    async def _on_message(self, peer: str, msg: Message, ch: Channel) -> None:
+        if isinstance(msg, Deploy):
+            await ch.send(await self._deploy(peer, msg))
+        elif isinstance(msg, Undeploy):
+            st = self._stages.pop(msg.deployment, None)
+            if st is not None:
+                self._release(st)
+        elif isinstance(msg, Infer):
+            await self._on_infer(peer, msg, ch)
+        elif isinstance(msg, Result | Error | Deployed):
+            pipe = self._entry_by_stage.get(msg.deployment)
+            if pipe is not None:
+                await pipe.on_message(peer, msg)
+        # Hello/Heartbeat/Goodbye are handled by the transport
+
+    async def _on_lost(self, peer: str, reason: str) -> None:
+        log.info("node %s: lost %s (%s)", self.name, peer, reason)
+        for pipe in list(self._entries.values()):
+            await pipe.on_lost(peer, reason)
+        if self._discovery is not None:
+            self._discovery.forget(peer)
+
+    # ----- stages
+
+    def _check_profile(self, msg: Deploy, model_bytes: bytes) -> tuple[Any, str]:
+        """Parse the stage and check it against this node's profile; returns (model, precision)."""
+        from meshai.models import model_from_bytes
+        from scheduler.cost import PRECISION_SCALE
+        from scheduler.graph import build_graph, normalize_model
+
+        prof = self.config.capability.profile
+        model = model_from_bytes(model_bytes, f"stage {msg.stage_id} of {msg.deployment}")
+        precision = str(msg.options.get("precision", "fp32"))
+        if precision not in prof.flops:
+            raise DeploymentError(
+                f"node {self.name!r} ({prof.kind}) does not run {precision} (runs {', '.join(prof.precisions)})"
+            )
+        graph = build_graph(normalize_model(model), f"stage{msg.stage_id}")
+        for op in graph.ops:
+            if not prof.supports(op.op_type):
+                raise DeploymentError(
+                    f"node {self.name!r} ({prof.kind}) does not support op {op.name!r} ({op.op_type})"
+                )
+        need = int(graph.param_bytes * PRECISION_SCALE.get(precision, 1.0)) + max(
+            (op.act_bytes for op in graph.ops), default=0
+        )
+        if need > prof.memory_bytes:
+            raise DeploymentError(
+                f"stage {msg.stage_id} needs {need} bytes, node {self.name!r} ({prof.kind}) has {prof.memory_bytes}"
+            )
+        return model, precision
+
+    async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
+        if not msg.model:
+            return Deployed(
+                msg.deployment, msg.stage_id, False, "deploying from packages is not supported yet"
+            )
+        digest = hashlib.sha256(msg.model).hexdigest()
+        if digest != msg.sha256:
+            return Deployed(
+                msg.deployment,
+                msg.stage_id,
+                False,
+                f"model hash mismatch: got {digest[:12]}…, announced {msg.sha256[:12]}…",
+            )
+        from nodes.executor import StageSession
+
+        try:
+            model, _precision = await asyncio.to_thread(self._check_profile, msg, msg.model)
+            session = await asyncio.to_thread(
+                StageSession,
+                model,
+                self.config.providers,
+                self.config.threads,
+                f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
+            )
+        except (DeploymentError, ModelError) as exc:
+            return Deployed(msg.deployment, msg.stage_id, False, str(exc))
+        except MeshaiError as exc:
+            return Deployed(msg.deployment, msg.stage_id, False, str(exc))
+        addresses = msg.options.get("addresses", {})
+        if isinstance(addresses, Mapping):
+            for node, addr in addresses.items():
+                if isinstance(node, str) and isinstance(addr, str) and addr and node != self.name:
+                    self.pool.remember(node, addr)
+        pace_s = float(msg.options.get("predicted_ms", 0.0)) / 1e3 if self.config.pace else 0.0
+        old = self._stages.pop(msg.deployment, None)
+        if old is not None:
+            self._release(old)
+        st = _Stage(
+            deployment=msg.deployment,
+            stage_id=msg.stage_id,
+            name=str(msg.options.get("name", msg.deployment)),
+            session=session,
+            inputs=tuple(msg.inputs),
+            routes={k: tuple(v) for k, v in msg.routes.items()},
+            to_entry=tuple(str(t) for t in msg.options.get("to_entry", ())),
+            entry=peer,
+            pace_s=pace_s,
+            executor=ThreadPoolExecutor(1, thread_name_prefix=f"stage-{msg.stage_id}"),
+        )
+        st.worker = self._spawn(self._work(st), f"meshai-stage {msg.deployment}/{msg.stage_id}")
+        self._stages[msg.deployment] = st
+        return Deployed(msg.deployment, msg.stage_id, True, "")
+
+    def _release(self, st: _Stage) -> None:
+        if st.worker is not None:
+            st.worker.cancel()
+        st.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _on_infer(self, peer: str, msg: Infer, ch: Channel) -> None:
+        st = self._stages.get(msg.deployment)
+        if st is None:
+            entry = self._entries.get(msg.deployment)
+            if entry is not None:
+                self._spawn(
+                    self._serve_entry(entry, msg, ch), f"meshai-entry {msg.deployment}/{msg.request_id}"
+                )
+                return
+            await ch.send(
+                Error(
+                    msg.request_id,
+                    "unknown_deployment",
+                    f"node {self.name!r} has no deployment {msg.deployment!r}",
+                    msg.deployment,
+                )
+            )
+            return
+        unknown = [t for t in msg.tensors if t not in st.inputs]
+        if unknown:
+            await ch.send(
+                Error(
+                    msg.request_id,
+                    "bad_input",
+                    f"stage {st.stage_id} on {self.name!r} does not take tensor {unknown[0]!r}",
+                    msg.deployment,
+                )
+            )
+            return
+        part = st.pending.setdefault(msg.request_id, {})
+        st.arrived.setdefault(msg.request_id, time.monotonic())
+        part.update(msg.tensors)
+        if all(t in part for t in st.inputs):
+            st.queue.put_nowait(msg.request_id)
+        self._expire(st)
+
+    def _expire(self, st: _Stage) -> None:
+        now = time.monotonic()
+        for rid, t0 in list(st.arrived.items()):
+            if (
+                now - t0 > PENDING_TTL_S
+                and rid in st.pending
+                and not all(t in st.pending[rid] for t in st.inputs)
+            ):
+                st.pending.pop(rid, None)
+                st.arrived.pop(rid, None)
+
+    async def _work(self, st: _Stage) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            rid = await st.queue.get()
+            feeds = st.pending.pop(rid, None)
+            st.arrived.pop(rid, None)
+            if feeds is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outs = await loop.run_in_executor(st.executor, st.session.run, feeds)
+            except MeshaiError as exc:
+                await self._report(st, Error(rid, "inference", str(exc), st.deployment))
+                continue
+            spent = time.perf_counter() - t0
+            if st.pace_s > spent:
+                await asyncio.sleep(st.pace_s - spent)
+            st.busy_s += time.perf_counter() - t0
+            st.served += 1
+            await self._forward(st, rid, outs)
+
+    async def _forward(self, st: _Stage, rid: int, outs: dict[str, np.ndarray]) -> None:
+        by_node: dict[str, dict[str, np.ndarray]] = {}
+        for t, nodes in st.routes.items():
+            for n in nodes:
+                by_node.setdefault(n, {})[t] = outs[t]
+        for node, tensors in by_node.items():
+            try:
+                await self.pool.send(node, Infer(rid, st.deployment, tensors))
+                self.bytes_out += sum(a.nbytes for a in tensors.values())
+            except PeerError as exc:
+                await self._report(
+                    st,
+                    Error(
+                        rid,
+                        "unreachable",
+                        f"stage {st.stage_id} on {self.name!r} cannot reach {node!r}: {exc}",
+                        st.deployment,
+                    ),
+                )
+                return
+        if st.to_entry:
+            result = {t: outs[t] for t in st.to_entry}
+            self.bytes_out += sum(a.nbytes for a in result.values())
+            await self._report(st, Result(rid, st.deployment, result))
+
+    async def _report(self, st: _Stage, msg: Message) -> None:
+        try:
+            await self.pool.send(st.entry, msg)
+        except PeerError as exc:
+            log.info("node %s: cannot report to entry %s: %s", self.name, st.entry, exc)
+
+    # ----- long-lived deployments hosted here
+
+    async def _serve_entry(self, entry: Pipeline, msg: Infer, ch: Channel) -> None:
+        try:
+            outs = await entry.infer(msg.tensors)
+            await ch.send(Result(msg.request_id, msg.deployment, outs))
+        except MeshaiError as exc:
+            with contextlib.suppress(PeerError):
+                await ch.send(Error(msg.request_id, "inference", str(exc), msg.deployment))
+
+    async def _on_control(self, peer: str, msg: Control) -> ControlReply:
+        op, body = msg.op, msg.body
+        if op == "status":
+            return ControlReply(op, True, self.status())
+        if op == "deployments":
+            return ControlReply(
+                op,
+                True,
+                {
+                    "deployments": [
+                        {
+                            "name": n,
+                            "entry": self.name,
+                            "stage_deployment": p.stage_deployment,
+                            "plan": p.plan.to_dict(),
+                            "in_flight": p.in_flight,
+                            "served": p.stats.ok,
+                            "errors": p.stats.errors,
+                        }
+                        for n, p in sorted(self._entries.items())
+                    ]
+                },
+            )
+        if op == "host":
+            name = str(body.get("name", ""))
+            if not name:
+                return ControlReply(op, False, {"error": "host needs a deployment name"})
+            if name in self._entries:
+                return ControlReply(
+                    op, False, {"error": f"deployment {name!r} already exists on {self.name!r}"}
+                )
+            plan = Plan.from_dict(body["plan"])
+            addresses = body.get("addresses", {})
+            for node, addr in dict(addresses).items():
+                if node != self.name:
+                    self.pool.remember(str(node), str(addr))
+            pipe = Pipeline(name, plan, self.pool, stage_id=str(body["stage_deployment"]), owner=True)
+            self._entries[name] = pipe
+            self._entry_by_stage[pipe.stage_deployment] = pipe
+            return ControlReply(op, True, {"name": name, "entry": self.name})
+        if op == "adopt_stages":
+            # the stages were deployed by a client on this entry's behalf: results must come here
+            dep = str(body.get("stage_deployment", ""))
+            st = self._stages.get(dep)
+            if st is not None:
+                st.entry = str(body.get("entry", st.entry))
+            return ControlReply(op, st is not None, {})
+        if op == "undeploy":
+            name = str(body.get("name", ""))
+            gone = self._entries.pop(name, None)
+            if gone is None:
+                return ControlReply(op, False, {"error": f"no deployment {name!r} on {self.name!r}"})
+            self._entry_by_stage.pop(gone.stage_deployment, None)
+            await gone.close()
+            return ControlReply(op, True, {"name": name})
+        return ControlReply(op, False, {"error": f"unknown control op {op!r}"})
+
+    def status(self) -> dict[str, Any]:
+        """What this node is and runs (the ``status`` control and ``meshai peers``)."""
+        return {
+            "name": self.name,
+            "address": self.address,
+            "capabilities": self.config.capability.to_dict(),
+            "stages": [
+                {
+                    "deployment": s.deployment,
+                    "name": s.name,
+                    "stage": s.stage_id,
+                    "served": s.served,
+                    "busy_s": round(s.busy_s, 6),
+                    "pending": len(s.pending),
+                }
+                for s in self._stages.values()
+            ],
+            "entries": sorted(self._entries),
+            "bytes_sent": self.bytes_out,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }
