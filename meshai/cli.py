@@ -206,6 +206,17 @@ async def _gather_peers(mesh: Any, args: argparse.Namespace) -> dict[str, Any]:
     return peers
 
 
+def _has_cuda_provider() -> bool:
+    """Whether onnxruntime's CUDA provider library is installed (without importing onnxruntime: fast start)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return any((Path(d) / "capi" / "libonnxruntime_providers_cuda.so").exists() for d in spec.submodule_search_locations)
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     """Run a node agent until SIGTERM/SIGINT."""
     import asyncio
@@ -220,15 +231,11 @@ def cmd_node(args: argparse.Namespace) -> int:
         raise ConfigError(f"bad --listen {args.listen!r}: expected host:port (port 0 picks one)")
     extra = load_profiles(args.profiles_file) if args.profiles_file else None
     profile = resolve_profiles([args.profile], extra)[0]
-    physical = {"cpu"}
-    try:
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            physical.add("gpu")
-    except ImportError:
-        pass
-    cap = NodeCapability(name=args.name, profile=profile, emulated=profile.kind not in physical)
+    physical = {"cpu"} | ({"gpu"} if _has_cuda_provider() else set())
+    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if profile.kind == "gpu" and "gpu" in physical else (
+        "CPUExecutionProvider",
+    )
+    cap = NodeCapability(name=args.name, profile=profile, emulated=profile.kind not in physical, providers=providers)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
     cfg = NodeConfig(
         name=args.name,
@@ -308,7 +315,6 @@ def _constraints_flags(p: argparse.ArgumentParser) -> None:
 def cmd_run(args: argparse.Namespace) -> int:
     """Plan over the discovered swarm, deploy, run the requests in --inputs, report."""
     from meshai.planning import load_for_planning, parse_pins
-    from meshai.sim import _percentiles
     from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
 
     loaded = load_for_planning(args.model)
@@ -329,14 +335,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             errs = [o for o in outs if isinstance(o, BaseException)]
             if args.outputs and ok:
                 save_npz(args.outputs, stack_requests(ok))
-            wall = (st.last_result - st.first_sent) if st.first_sent and st.last_result else 0.0
             rep: dict[str, Any] = {
                 "plan": plan.to_dict(),
                 "requests": len(reqs),
                 "ok": len(ok),
                 "errors": len(errs),
-                "latency_ms": _percentiles(st.latencies_s),
-                "throughput_rps": round(len(ok) / wall, 3) if wall > 0 else 0.0,
+                "latency_ms": st.latency_ms(),
+                "throughput_rps": st.throughput_rps(),
                 "outputs": args.outputs or "",
             }
             if errs:
@@ -385,6 +390,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     """Run the requests of an npz through a long-lived deployment."""
     import time
 
+    from meshai.pipeline import percentiles_ms
     from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
 
     async def go() -> dict[str, Any]:
@@ -400,15 +406,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 lat.append(time.perf_counter() - t0)
             if args.outputs:
                 save_npz(args.outputs, stack_requests(outs))
-            from meshai.sim import _percentiles
-
             return {
                 "name": args.name,
                 "entry": dep.entry,
                 "requests": len(reqs),
                 "ok": len(outs),
                 "errors": 0,
-                "latency_ms": _percentiles(lat),
+                "latency_ms": percentiles_ms(lat),
                 "outputs": args.outputs or "",
             }
 

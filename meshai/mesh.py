@@ -3,8 +3,8 @@
 ```python
 async with Mesh() as mesh:
     await mesh.wait_for_peers(3)
-    plan, model = mesh.plan("squeezenet", objective="throughput", stages=3)
-    async with mesh.deploy(plan, model) as pipeline:
+    plan, _model = mesh.plan("squeezenet", objective="throughput", stages=3)
+    async with mesh.deploy(plan) as pipeline:
         out = await pipeline.infer({"data_0": x})
         async for out in pipeline.stream(batches):
             ...
@@ -70,6 +70,7 @@ class Mesh:
         self._pipelines: dict[str, Pipeline] = {}
         self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._peers: dict[str, Peer] = {}
+        self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
         self._next_rid = 1
 
     def _hello(self) -> Hello:
@@ -162,6 +163,7 @@ class Mesh:
     ) -> tuple[Plan, LoadedModel]:
         """Plan ``model`` over the connected nodes (pure planner; nothing is deployed)."""
         loaded = model if isinstance(model, LoadedModel) else load_for_planning(model, batch=batch)
+        self._models[loaded.name] = loaded
         caps = self.capabilities(nodes)
         if not caps:
             raise PeerError("no nodes connected: call wait_for_peers() first")

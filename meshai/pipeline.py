@@ -34,6 +34,14 @@ def stage_deployment_id(name: str) -> str:
     return f"{name}.{secrets.token_hex(4)}"
 
 
+def percentiles_ms(values_s: Sequence[float]) -> dict[str, float]:
+    """p50/p95/p99 in milliseconds of durations given in seconds (zeros when there are none)."""
+    if not values_s:
+        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+    ms = np.asarray(values_s) * 1e3
+    return {k: round(float(np.percentile(ms, q)), 3) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))}
+
+
 @dataclass
 class PipelineStats:
     """What the entry measured: per-request latency, bytes sent, outcomes."""
@@ -44,6 +52,16 @@ class PipelineStats:
     bytes_sent: int = 0
     first_sent: float | None = None
     last_result: float | None = None
+
+    def latency_ms(self) -> dict[str, float]:
+        """End-to-end latency percentiles of the requests that succeeded."""
+        return percentiles_ms(self.latencies_s)
+
+    def throughput_rps(self) -> float:
+        """Results delivered per second, from the first request sent to the last result."""
+        if self.first_sent is None or self.last_result is None or self.last_result <= self.first_sent:
+            return 0.0
+        return round(self.ok / (self.last_result - self.first_sent), 3)
 
 
 class Pipeline:

@@ -165,13 +165,6 @@ class NodeProcesses:
                 p.wait()
 
 
-def _percentiles(values_s: Sequence[float]) -> dict[str, float]:
-    if not values_s:
-        return {"p50": 0.0, "p95": 0.0, "p99": 0.0}
-    ms = np.asarray(values_s) * 1e3
-    return {k: round(float(np.percentile(ms, q)), 3) for k, q in (("p50", 50), ("p95", 95), ("p99", 99))}
-
-
 def _requests(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]]:
     from meshai.tensors import load_npz, random_inputs, request_slices
 
@@ -239,15 +232,14 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
         ok_outputs.append(res)
     if opts.outputs and ok_outputs:
         save_npz(opts.outputs, stack_requests(ok_outputs))
-    wall = (stats.last_result - stats.first_sent) if stats.first_sent and stats.last_result else 0.0
     report: dict[str, Any] = {
         "plan": plan.to_dict(),
         "requests": len(requests),
         "ok": len(ok_outputs),
         "errors": errors,
         "max_abs_diff": worst,
-        "latency_ms": _percentiles(stats.latencies_s),
-        "throughput_rps": round(len(ok_outputs) / wall, 3) if wall > 0 else 0.0,
+        "latency_ms": stats.latency_ms(),
+        "throughput_rps": stats.throughput_rps(),
         "discovery_s": round(discovery_s, 3),
         "bytes_sent": bytes_sent + node_bytes,
         "bytes_sent_caller": bytes_sent,
