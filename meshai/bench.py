@@ -5,13 +5,35 @@ Part of the composition layer.  Every function returns the JSON-ready dict that 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
+import json
+import math
+import os
+import secrets
+import socket
+import ssl
 import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import time
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import numpy as np
 
 from meshai.capabilities import resolve_profiles, swarm
+from meshai.errors import ConfigError, MeshaiError, PeerError
 from meshai.plan import Constraints
 from meshai.progress import Progress
+
+if TYPE_CHECKING:
+    from meshai.transport import ChannelOptions
 
 #: The heterogeneous 8-device swarm ``bench plan`` plans densenet121 over.
 BENCH_PLAN_PROFILES = ("cpu", "gpu", "npu", "tpu", "mcu", "cpu", "gpu", "npu")
@@ -64,3 +86,769 @@ def bench_plan(cases: int = 300, repeats: int = 5, model: str = "densenet121") -
         "within_2pct": within,
         "worst_seed": worst_seed,
     }
+
+
+# --------------------------------------------------------------------------------------- transport
+
+_MiB = 1024 * 1024
+TRANSPORT_SIZES = (4 * _MiB, 64 * 1024)
+"""Tensor sizes (bytes) ``bench transport`` sends by default: a large activation and a small one."""
+
+_HOST = "127.0.0.1"
+_RUN_HEAD = struct.Struct(">QQ")  # raw runs: (message count, bytes per message); acks: (count, total bytes)
+_TRANSPORT_KINDS = ("meshai", "raw", "asyncio")
+_RECEIVER_START_S = 30.0
+_PATIENT: ChannelOptions = {"dead_after": 3600.0, "read_timeout": 3600.0}
+
+
+def bench_transport(
+    sizes: Sequence[int] = TRANSPORT_SIZES, mib: float = 64.0, repeats: int = 5, tls: bool = False
+) -> dict[str, Any]:
+    """Loopback throughput of ``meshai.transport`` against the fastest plain-Python socket, per tensor size.
+
+    For each size, about ``mib`` MiB of float32 tensors of ``size`` bytes go one way to a receiver in a
+    child process (so sender and receiver each get a core, as two nodes would), and the clock runs from
+    the sender's first byte until the receiver's acknowledgement that it holds every byte:
+
+    - ``meshai``: ``Channel.send(Infer(...))`` through ``meshai.transport.connect`` to a ``Server`` whose
+      handler takes every message; the receiver's ``BufferedProtocol`` path decodes frames straight
+      into arrays the decoder preallocates.
+    - ``raw`` (the baseline): blocking ``socket.sendall(memoryview(array))`` → ``socket.recv_into`` a
+      fresh ``np.empty`` array per message, no framing, no event loop, ``TCP_NODELAY`` on both ends.
+      Of the plain-Python options it is the fastest (asyncio streams add a copy per read, and an
+      asyncio ``BufferedProtocol`` adds the event loop), so ``ratio`` = meshai / raw is conservative.
+    - ``asyncio`` (a reference, not the baseline): ``StreamWriter.write(memoryview)`` + ``drain`` →
+      an asyncio ``BufferedProtocol`` receiving into a fresh array per message: the ceiling for any
+      transport built on asyncio, so ``meshai_mb_s / asyncio_mb_s`` is the cost of meshai itself.
+
+    With ``tls`` all three run server-authenticated TLS (a throwaway self-signed certificate, the same
+    ``ssl`` contexts for every kind; the raw baseline is an ``ssl`` socket).  Connections are made
+    before the clock starts, one per kind, kept for every run.  Each kind runs ``repeats`` times, interleaved with the others after one
+    shorter warm-up run; the figure is the best run (MB/s = 10^6 bytes per second).
+    """
+    sizes = tuple(sizes)
+    if not sizes:
+        raise ConfigError("bench transport needs at least one tensor size")
+    for size in sizes:
+        if isinstance(size, bool) or not isinstance(size, int) or size < 4 or size % 4:
+            raise ConfigError(f"tensor size must be a positive multiple of 4 bytes (float32), got {size!r}")
+    if not (isinstance(mib, int | float) and math.isfinite(mib) and mib > 0):
+        raise ConfigError(f"mib must be a positive number, got {mib!r}")
+    if repeats < 1:
+        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="meshai-bench-") as tmp:
+        certdir = Path(tmp) if tls else None
+        client_ctx = None
+        if certdir is not None:
+            _make_cert(certdir)
+            client_ctx = _tls_contexts(certdir)[1]
+        with (
+            _Receiver(certdir) as ports,
+            asyncio.Runner() as runner,
+            contextlib.ExitStack() as stack,
+            Progress("transport", len(sizes) * (repeats + 1) * len(_TRANSPORT_KINDS)) as bar,
+        ):
+            senders: dict[str, _Sender] = {
+                "meshai": stack.enter_context(_MeshaiSender(runner, ports["meshai"], client_ctx)),
+                "raw": stack.enter_context(_RawSender(ports["raw"], client_ctx)),
+                "asyncio": stack.enter_context(_AsyncioSender(runner, ports["asyncio"], client_ctx)),
+            }
+            for size in sizes:
+                arr = np.random.default_rng(0).standard_normal(size // 4, dtype=np.float32)
+                count = max(1, round(mib * _MiB / size))
+                best = dict.fromkeys(_TRANSPORT_KINDS, math.inf)
+                for rep in range(repeats + 1):
+                    n = count if rep else max(1, count // 4)  # rep 0: warm-up, not counted
+                    for kind in _TRANSPORT_KINDS:
+                        elapsed = senders[kind].run(arr, n)
+                        if rep:
+                            best[kind] = min(best[kind], elapsed)
+                        bar.advance()
+                mb_s = {k: count * size / t / 1e6 for k, t in best.items()}
+                rows.append(
+                    {
+                        "size_bytes": size,
+                        "tls": tls,
+                        "messages": count,
+                        "meshai_mb_s": round(mb_s["meshai"], 1),
+                        "raw_mb_s": round(mb_s["raw"], 1),
+                        "ratio": round(mb_s["meshai"] / mb_s["raw"], 3),
+                        "asyncio_mb_s": round(mb_s["asyncio"], 1),
+                        "ratio_to_asyncio": round(mb_s["meshai"] / mb_s["asyncio"], 3),
+                    }
+                )
+    return {
+        "rows": rows,
+        "baseline": "blocking socket.sendall(memoryview) -> socket.recv_into(np.empty) per message",
+        "bytes_per_run": {str(r["size_bytes"]): r["messages"] * r["size_bytes"] for r in rows},
+        "repeats": repeats,
+        "figure": "best of repeats, MB/s = 1e6 bytes/s, first byte sent to receiver's acknowledgement",
+        "receiver": "child process",
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
+    }
+
+
+def _bench_hello(node_id: str, role: str) -> Any:
+    from meshai.protocol import PROTOCOL_VERSION, Hello
+
+    return Hello(node_id, PROTOCOL_VERSION, role, {}, f"{_HOST}:1" if role == "node" else "")
+
+
+class _Sender:
+    """One connection to the receiver, kept open for every run of one kind; ``run`` is timed."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run(self, arr: np.ndarray, count: int) -> float:
+        """Seconds from sending the first of ``count`` copies of ``arr`` to the receiver's acknowledgement."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Close the connection."""
+
+
+class _MeshaiSender(_Sender):
+    """``Channel.send(Infer(...))`` through ``meshai.transport.connect``."""
+
+    def __init__(self, runner: asyncio.Runner, port: int, ctx: ssl.SSLContext | None) -> None:
+        from meshai.transport import connect
+
+        self.runner = runner
+        hello = _bench_hello("bench-tx", "client")
+        server_hostname = "localhost" if ctx else None
+        # The loop only runs during our runs: no liveness verdicts across the other kinds' runs.
+        self.ch = runner.run(
+            connect(_HOST, port, hello, ssl=ctx, server_hostname=server_hostname, **_PATIENT)
+        )
+
+    def run(self, arr: np.ndarray, count: int) -> float:
+        return self.runner.run(self._run(arr, count))
+
+    async def _run(self, arr: np.ndarray, count: int) -> float:
+        from meshai.protocol import Control, ControlReply, Infer
+
+        ch = self.ch
+        start = time.perf_counter()
+        for i in range(count):
+            await ch.send(Infer(i, "bench", {"x": arr}))
+        await ch.send(Control("done"))
+        reply = await ch.recv()
+        elapsed = time.perf_counter() - start
+        if not isinstance(reply, ControlReply) or reply.body.get("bytes") != count * arr.nbytes:
+            raise PeerError(f"transport receiver acknowledged {reply!r}, expected {count * arr.nbytes} bytes")
+        return elapsed
+
+    def close(self) -> None:
+        self.runner.run(self.ch.close())
+
+
+class _AsyncioSender(_Sender):
+    """``StreamWriter.write(memoryview)`` + ``drain``, with meshai's write high-water mark."""
+
+    def __init__(self, runner: asyncio.Runner, port: int, ctx: ssl.SSLContext | None) -> None:
+        from meshai.transport import WRITE_HIGH_WATER
+
+        self.runner = runner
+        self.reader, self.writer = runner.run(
+            asyncio.open_connection(_HOST, port, ssl=ctx, server_hostname="localhost" if ctx else None)
+        )
+        sock = self.writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+
+    def run(self, arr: np.ndarray, count: int) -> float:
+        return self.runner.run(self._run(arr, count))
+
+    async def _run(self, arr: np.ndarray, count: int) -> float:
+        view = arr.data.cast("B")
+        writer = self.writer
+        start = time.perf_counter()
+        writer.write(_RUN_HEAD.pack(count, len(view)))
+        for _ in range(count):
+            writer.write(view)
+            await writer.drain()
+        _, total = _RUN_HEAD.unpack(await self.reader.readexactly(_RUN_HEAD.size))
+        elapsed = time.perf_counter() - start
+        if total != count * len(view):
+            raise PeerError(f"asyncio receiver acknowledged {total} bytes, expected {count * len(view)}")
+        return elapsed
+
+    def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(OSError):
+            self.runner.run(self.writer.wait_closed())
+
+
+class _RawSender(_Sender):
+    """Blocking ``socket.sendall(memoryview)``: the baseline."""
+
+    def __init__(self, port: int, ctx: ssl.SSLContext | None) -> None:
+        raw = socket.create_connection((_HOST, port))
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock = ctx.wrap_socket(raw, server_hostname="localhost") if ctx is not None else raw
+
+    def run(self, arr: np.ndarray, count: int) -> float:
+        sock = self.sock
+        view = arr.data.cast("B")
+        ack = bytearray(_RUN_HEAD.size)
+        start = time.perf_counter()
+        sock.sendall(_RUN_HEAD.pack(count, len(view)))
+        for _ in range(count):
+            sock.sendall(view)
+        if not _recv_exact(sock, memoryview(ack)):
+            raise PeerError("raw receiver closed the connection before acknowledging")
+        elapsed = time.perf_counter() - start
+        _, total = _RUN_HEAD.unpack(ack)
+        if total != count * len(view):
+            raise PeerError(f"raw receiver acknowledged {total} bytes, expected {count * len(view)}")
+        return elapsed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from ``sock``; False if the peer closed first."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return False
+        got += n
+    return True
+
+
+class _Receiver:
+    """The receiving end of ``bench_transport`` in a child process, ended (by pid) on exit."""
+
+    def __init__(self, certdir: Path | None) -> None:
+        self.certdir = certdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> dict[str, int]:
+        import select
+
+        cmd = [sys.executable, "-m", "meshai.bench", "transport-receiver"]
+        if self.certdir is not None:
+            cmd.append(str(self.certdir))
+        err = self._stack.enter_context(tempfile.TemporaryFile())
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err)
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], _RECEIVER_START_S)
+        line = self.proc.stdout.readline() if ready else b""
+        if not line:
+            self.__exit__()
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()
+            raise MeshaiError(f"transport receiver did not start: {tail[-1] if tail else 'no output'}")
+        ports: dict[str, int] = json.loads(line)
+        return ports
+
+    def __exit__(self, *exc: object) -> None:
+        proc = self.proc
+        if proc is not None:
+            if proc.stdin is not None:
+                with contextlib.suppress(OSError):
+                    proc.stdin.close()  # the receiver exits when its stdin closes
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        self._stack.close()
+
+
+def _transport_receiver_main(argv: Sequence[str]) -> None:
+    """Child process of ``bench_transport``: print the ports as JSON, serve until stdin closes."""
+    asyncio.run(_transport_receiver(Path(argv[0]) if argv else None))
+
+
+async def _transport_receiver(certdir: Path | None) -> None:
+    from meshai.protocol import Control, ControlReply, Infer
+    from meshai.transport import Channel, Server
+
+    server_ctx = _tls_contexts(certdir)[0] if certdir is not None else None
+    loop = asyncio.get_running_loop()
+
+    async def on_channel(ch: Channel) -> None:
+        total = messages = 0
+        async for msg in ch:
+            if isinstance(msg, Infer):
+                total += sum(a.nbytes for a in msg.tensors.values())
+                messages += 1
+            elif isinstance(msg, Control):
+                await ch.send(ControlReply(msg.op, True, {"bytes": total, "messages": messages}))
+                total = messages = 0
+
+    listener = socket.create_server((_HOST, 0))
+    threading.Thread(target=_raw_accept, args=(listener, server_ctx), daemon=True).start()
+    hello = lambda: _bench_hello("bench-rx", "node")  # noqa: E731
+    async with Server(_HOST, 0, hello, on_channel, ssl=server_ctx, **_PATIENT) as srv:
+        sink = await loop.create_server(_Sink, _HOST, 0, ssl=server_ctx)
+        async with sink:
+            ports = {"meshai": srv.port, "asyncio": sink.sockets[0].getsockname()[1]}
+            ports["raw"] = listener.getsockname()[1]
+            print(json.dumps(ports), flush=True)
+            await loop.run_in_executor(None, sys.stdin.buffer.read)
+    listener.close()
+
+
+def _raw_accept(listener: socket.socket, ctx: ssl.SSLContext | None) -> None:
+    """Serve raw connections one after another: (count, size) heads, then ``count`` arrays, then an ack."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with contextlib.suppress(OSError), conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = ctx.wrap_socket(conn, server_side=True) if ctx is not None else conn
+            head = memoryview(bytearray(_RUN_HEAD.size))
+            while _recv_exact(sock, head):
+                count, nbytes = _RUN_HEAD.unpack(head)
+                total = 0
+                for _ in range(count):
+                    arr = np.empty(nbytes, np.uint8)
+                    if not _recv_exact(sock, arr.data):
+                        break
+                    total += arr.nbytes
+                sock.sendall(_RUN_HEAD.pack(count, total))
+
+
+class _Sink(asyncio.BufferedProtocol):
+    """The asyncio ceiling: each message straight into a fresh array, no framing, no checks."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.head = memoryview(bytearray(_RUN_HEAD.size))
+        self.target = self.head
+        self.filled = 0
+        self.left = 0
+        self.count = 0
+        self.nbytes = 0
+        self.total = 0
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.target[self.filled :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.filled += nbytes
+        if self.filled < len(self.target):
+            return
+        if self.target is self.head:
+            self.count, self.nbytes = _RUN_HEAD.unpack(self.head)
+            self.left, self.total = self.count, 0
+        else:
+            self.total += len(self.target)
+            self.left -= 1
+        if self.left:
+            self.target = np.empty(self.nbytes, np.uint8).data
+        else:
+            self.transport.write(_RUN_HEAD.pack(self.count, self.total))
+            self.target = self.head
+        self.filled = 0
+
+
+def _tls_contexts(certdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for the certificate in ``certdir``: server-authenticated TLS."""
+    cert, key = certdir / "cert.pem", certdir / "key.pem"
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert, key)
+    client = ssl.create_default_context(cafile=str(cert))
+    return server, client
+
+
+def _make_cert(certdir: Path) -> None:
+    """A throwaway self-signed certificate for localhost/127.0.0.1 (cert.pem, key.pem in ``certdir``)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(_HOST))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    (certdir / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file = certdir / "key.pem"
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    key_file.chmod(0o600)
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+
+PIPELINE_MODELS = ("squeezenet", "resnet50")
+"""Models ``bench pipeline`` runs by default."""
+PIPELINE_REQUESTS = {"squeezenet": 200, "resnet50": 40}
+"""Timed requests per model by default (others: ``PIPELINE_REQUESTS_OTHER``)."""
+PIPELINE_REQUESTS_OTHER = 40
+PIPELINE_STAGES = 3
+PIPELINE_TOLERANCE = 1e-3
+"""A result further than this (max abs diff) from the in-process whole model counts as a mismatch."""
+_THREADED = "t0"  # the node running the whole model with one onnxruntime thread per CPU
+
+
+def bench_pipeline(
+    models: Sequence[str] = PIPELINE_MODELS,
+    requests: int | None = None,
+    window: int = 8,
+    warmup: int = 5,
+    rounds: int = 2,
+    seed: int = 0,
+    discovery_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """Latency and throughput of a 3-stage pipeline over real node processes against the whole model.
+
+    Starts three ``meshai node`` processes ``n0``-``n2`` (profile ``cpu``, no pacing, a mesh id of their
+    own, the node default of one onnxruntime thread) and a fourth, ``t0``, with one onnxruntime thread
+    per CPU, once; then for each model deploys, through the same ``Mesh``/``Pipeline`` API and with the
+    same requests and ``window`` requests in flight:
+
+    - ``whole``: the whole model as 1 stage on one node (``n0``);
+    - ``whole_threaded`` (a reference): the whole model as 1 stage on ``t0``, so one process may use
+      every core, as the pipeline's processes together may;
+    - ``pipeline``: a ``--stages 3`` plan with objective throughput over ``n0``, ``n1``, ``n2``.
+
+    All three stay deployed together; each gets ``warmup`` untimed requests first.  ``requests`` timed
+    requests follow (default ``PIPELINE_REQUESTS`` per model), cut into ``rounds`` chunks that go
+    through the three deployments in turn, in alternating order (A B C, C B A), so that load from
+    other processes on the machine falls on all three alike.  Latency is per request (submit →
+    result at the caller); throughput is results / the summed time from each chunk's first request
+    sent to its last result.  Ratios are pipeline
+    over whole (``*_ratio``) and over whole_threaded (``*_ratio_threaded``).  Afterwards every result
+    of each deployment is checked against the whole model run by
+    onnxruntime in this process: ``mismatches`` counts failed requests and results further than
+    ``PIPELINE_TOLERANCE`` away, ``max_abs_diff`` is the worst difference over the results.
+
+    Every deployment does this machine's real CPU work.  This machine has 2 cores: the three stage
+    processes (and the caller, which sends inputs and receives results) compete for them, so a
+    pipeline cannot overlap more than two stages at a time, and every hop's encode, copy and decode
+    costs CPU the stages would use.  ``whole`` uses one core, the pipeline up to two: compare with
+    ``whole_threaded`` before crediting pipelining for a throughput gain.  The figures say what
+    pipelining over processes costs or gains here, not what it would on three separate devices.
+    """
+    models = tuple(models)
+    if not models:
+        raise ConfigError("bench pipeline needs at least one model")
+    if requests is not None and requests < 1:
+        raise ConfigError(f"requests must be >= 1, got {requests}")
+    if window < 1:
+        raise ConfigError(f"window must be >= 1, got {window}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {warmup}")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    return asyncio.run(_bench_pipeline(models, requests, window, warmup, rounds, seed, discovery_timeout))
+
+
+async def _bench_pipeline(
+    models: tuple[str, ...],
+    requests: int | None,
+    window: int,
+    warmup: int,
+    rounds: int,
+    seed: int,
+    discovery_timeout: float,
+) -> dict[str, Any]:
+    from meshai.mesh import Mesh
+    from meshai.planning import load_for_planning
+    from meshai.sim import NodeProcesses
+    from meshai.tensors import random_inputs, request_slices
+
+    loaded_models = [load_for_planning(m) for m in models]  # fail on a bad name before starting anything
+    names = [f"n{i}" for i in range(PIPELINE_STAGES)]
+    profiles = ["cpu"] * PIPELINE_STAGES
+    threads = os.cpu_count() or 1
+    rows: list[dict[str, Any]] = []
+    mesh_id = f"b{secrets.token_hex(4)}"
+    with (
+        NodeProcesses(names, profiles, mesh_id, pace=False) as procs,
+        NodeProcesses([_THREADED], ["cpu"], mesh_id, pace=False, extra=["--threads", str(threads)]) as tprocs,
+    ):
+
+        def check_alive() -> None:
+            procs.check_alive()
+            tprocs.check_alive()
+
+        async with Mesh(mesh=mesh_id, name="bench") as mesh:
+            try:
+                await mesh.wait_for_peers(len(names) + 1, timeout=discovery_timeout)
+            except PeerError:
+                check_alive()
+                raise
+            for loaded in loaded_models:
+                count = requests or PIPELINE_REQUESTS.get(loaded.name, PIPELINE_REQUESTS_OTHER)
+                stacked = random_inputs(loaded.model, seed=seed, requests=count + warmup)
+                reqs = request_slices(stacked)
+                warm, timed = reqs[:warmup], reqs[warmup:]
+                plans = {
+                    "whole": mesh.plan(loaded, objective="throughput", stages=1, nodes=names[:1])[0],
+                    "whole_threaded": mesh.plan(loaded, objective="throughput", stages=1, nodes=[_THREADED])[
+                        0
+                    ],
+                    "pipeline": mesh.plan(
+                        loaded, objective="throughput", stages=PIPELINE_STAGES, nodes=names
+                    )[0],
+                }
+                try:
+                    runs = await _timed_runs(mesh, plans, loaded, warm, timed, window, rounds)
+                except MeshaiError:
+                    check_alive()
+                    raise
+                runs["whole_threaded"][0]["threads"] = threads
+                rows.append(_pipeline_row(loaded, plans["pipeline"], timed, runs))
+    return {
+        "rows": rows,
+        "nodes": [{"name": n, "profile": p, "threads": 1} for n, p in zip(names, profiles, strict=True)]
+        + [{"name": _THREADED, "profile": "cpu", "threads": threads}],
+        "window": window,
+        "warmup": warmup,
+        "rounds": rounds,
+        "objective": "throughput",
+        "tolerance": PIPELINE_TOLERANCE,
+        "cpus": os.cpu_count(),
+    }
+
+
+async def _timed_runs(
+    mesh: Any,
+    plans: dict[str, Any],
+    loaded: Any,
+    warm: list[dict[str, np.ndarray]],
+    timed: list[dict[str, np.ndarray]],
+    window: int,
+    rounds: int,
+) -> dict[str, tuple[dict[str, Any], list[Any]]]:
+    """Deploy every plan at once, warm each up, then time them in interleaved rounds.
+
+    ``timed`` is cut into ``rounds`` contiguous chunks; each round streams its chunk through every
+    deployment in turn, in the reverse order of the round before (A B C, C B A, …), so a drift in
+    the machine's load falls on all of them alike.  Returns, per plan, its figures and its results
+    in request order.
+    """
+    rounds = max(1, min(rounds, len(timed)))
+    bounds = [len(timed) * i // rounds for i in range(rounds + 1)]
+    chunks = [timed[a:b] for a, b in itertools.pairwise(bounds)]
+    labels = list(plans)
+    results: dict[str, list[Any]] = {k: [] for k in labels}
+    latencies: dict[str, list[float]] = {k: [] for k in labels}
+    walls: dict[str, float] = dict.fromkeys(labels, 0.0)
+    async with contextlib.AsyncExitStack() as stack:
+        pipes = {
+            k: await stack.enter_async_context(mesh.deploy(plans[k], loaded, window=window)) for k in labels
+        }
+        for pipe in pipes.values():
+            async for out in pipe.stream(warm):
+                if isinstance(out, BaseException):
+                    raise out
+        with Progress(f"{loaded.name}", len(timed) * len(labels)) as bar:
+            for i, chunk in enumerate(chunks):
+                for label in labels if i % 2 == 0 else labels[::-1]:
+                    pipe = pipes[label]
+                    seen = len(pipe.stats.latencies_s)
+                    start = time.perf_counter()
+                    async for out in pipe.stream(chunk):
+                        results[label].append(out)
+                        bar.advance()
+                    walls[label] += (pipe.stats.last_result or start) - start
+                    latencies[label].extend(pipe.stats.latencies_s[seen:])
+    runs: dict[str, tuple[dict[str, Any], list[Any]]] = {}
+    for label in labels:
+        ok = sum(not isinstance(r, BaseException) for r in results[label])
+        ms = np.asarray(latencies[label] or [0.0]) * 1e3
+        figures = {
+            "p50_ms": round(float(np.percentile(ms, 50)), 3),
+            "p95_ms": round(float(np.percentile(ms, 95)), 3),
+            "throughput_rps": round(ok / walls[label], 3) if walls[label] > 0 else 0.0,
+            "ok": ok,
+            "errors": len(results[label]) - ok,
+        }
+        runs[label] = (figures, results[label])
+    return runs
+
+
+def _pipeline_row(
+    loaded: Any,
+    pipe_plan: Any,
+    timed: list[dict[str, np.ndarray]],
+    runs: dict[str, tuple[dict[str, Any], list[Any]]],
+) -> dict[str, Any]:
+    """Check every run's results against the whole model in this process and build one row."""
+    from meshai.tensors import max_abs_diff
+    from nodes.executor import StageSession
+
+    ref = StageSession(loaded.model, name=f"whole {loaded.name}")
+    wants = [ref.run(req) for req in timed]
+    mismatches = 0
+    worst = 0.0
+    for figures, results in runs.values():
+        diff = 0.0
+        for want, got in zip(wants, results, strict=True):
+            if isinstance(got, BaseException):  # counted in "errors" too
+                mismatches += 1
+                continue
+            d = max_abs_diff(got, want)
+            if not d <= PIPELINE_TOLERANCE:
+                mismatches += 1
+            diff = max(diff, d)
+        figures["max_abs_diff"] = diff
+        worst = max(worst, diff)
+    whole, threaded, pipeline = runs["whole"][0], runs["whole_threaded"][0], runs["pipeline"][0]
+    return {
+        "model": loaded.name,
+        "requests": len(timed),
+        "whole": whole,
+        "whole_threaded": threaded,
+        "pipeline": pipeline,
+        "p50_ratio": _ratio(pipeline["p50_ms"], whole["p50_ms"]),
+        "throughput_ratio": _ratio(pipeline["throughput_rps"], whole["throughput_rps"]),
+        "p50_ratio_threaded": _ratio(pipeline["p50_ms"], threaded["p50_ms"]),
+        "throughput_ratio_threaded": _ratio(pipeline["throughput_rps"], threaded["throughput_rps"]),
+        "stages": len(pipe_plan.stages),
+        "stage_ops": [len(s.ops) for s in pipe_plan.stages],
+        "mismatches": mismatches,
+        "max_abs_diff": worst,
+    }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    """``a / b`` rounded; None (JSON null) when the baseline ``b`` measured nothing."""
+    return round(a / b, 3) if b > 0 else None
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": _MiB, "mib": _MiB}
+
+
+def parse_sizes(text: str) -> tuple[int, ...]:
+    """``"4MiB,64KiB"`` -> ``(4194304, 65536)``: bytes, with an optional K/KiB/M/MiB suffix; ConfigError if bad."""
+    out: list[int] = []
+    for part in text.split(","):
+        item = part.strip()
+        digits = item.rstrip("aAbBiIkKmM")
+        unit = item[len(digits) :].lower()
+        if not digits.isdigit() or unit not in _SIZE_UNITS:
+            raise ConfigError(f"tensor size must be bytes with an optional KiB/MiB suffix, got {item!r}")
+        out.append(int(digits) * _SIZE_UNITS[unit])
+    return tuple(out)
+
+
+def transport_table(res: dict[str, Any]) -> str:
+    """The readable form of a ``bench_transport`` report."""
+    from meshai.tables import format_table, human_bytes
+
+    rows = [
+        [
+            "TLS" if r["tls"] else "TCP",
+            human_bytes(r["size_bytes"]),
+            f"{r['meshai_mb_s']:.0f}",
+            f"{r['raw_mb_s']:.0f}",
+            f"{r['ratio']:.2f}",
+            f"{r['asyncio_mb_s']:.0f}",
+            f"{r['ratio_to_asyncio']:.2f}",
+        ]
+        for r in res["rows"]
+    ]
+    table = format_table(
+        ["link", "tensor", "meshai MB/s", "raw MB/s", "meshai/raw", "asyncio MB/s", "meshai/asyncio"],
+        rows,
+        right=(1, 2, 3, 4, 5, 6),
+    )
+    return (
+        f"{table}\nraw = {res['baseline']}; {res['figure']}; receiver in a {res['receiver']}, "
+        f"{res['cpus']} CPUs, Python {res['python']}"
+    )
+
+
+def pipeline_table(res: dict[str, Any]) -> str:
+    """The readable form of a ``bench_pipeline`` report."""
+    from meshai.tables import format_table
+
+    def num(x: float | None, fmt: str) -> str:
+        return "-" if x is None else format(x, fmt)
+
+    rows: list[list[object]] = []
+    for r in res["rows"]:
+        ops = "/".join(str(n) for n in r["stage_ops"])
+        threads = r["whole_threaded"].get("threads", "?")
+        for label, shown, stages in (
+            ("whole", "whole, 1 thread", "1"),
+            ("whole_threaded", f"whole, {threads} threads", "1"),
+            ("pipeline", "pipeline", f"{r['stages']} ({ops} ops)"),
+        ):
+            f = r[label]
+            rows.append(
+                [
+                    r["model"],
+                    shown,
+                    stages,
+                    f"{f['p50_ms']:.1f}",
+                    f"{f['p95_ms']:.1f}",
+                    f"{f['throughput_rps']:.1f}",
+                    f"{f['ok']}/{r['requests']}",
+                    f"{f['max_abs_diff']:.3g}",
+                ]
+            )
+        for shown, suffix in (("pipeline / whole", ""), ("pipeline / threaded", "_threaded")):
+            p50, rps = r[f"p50_ratio{suffix}"], r[f"throughput_ratio{suffix}"]
+            rows.append([r["model"], shown, "", num(p50, ".2f"), "", num(rps, ".2f"), "", ""])
+    table = format_table(
+        ["model", "deployment", "stages", "p50 ms", "p95 ms", "req/s", "ok", "max abs diff"],
+        rows,
+        right=(3, 4, 5, 6),
+    )
+    nodes = ", ".join(f"{n['name']}={n['profile']} ({n['threads']} thr)" for n in res["nodes"])
+    mism = sum(r["mismatches"] for r in res["rows"])
+    return (
+        f"{table}\nnodes {nodes}: real processes, no pacing, {res['cpus']} CPUs; {res['window']} requests in "
+        f"flight, {res['warmup']} warm-up requests, {res['rounds']} rounds; {mism} results off the whole model by more than "
+        f"{res['tolerance']:g}"
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["transport-receiver"]:
+        _transport_receiver_main(sys.argv[2:])
+    else:
+        sys.exit("usage: python -m meshai.bench transport-receiver [CERTDIR]  (internal; see meshai bench)")

@@ -126,6 +126,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"mean {res['mean_ratio']:.6f}, within 2%: {res['within_2pct']}/{res['cases']}"
             )
         return 0
+    if args.what == "transport":
+        sizes = bench.parse_sizes(args.sizes)
+        modes = {"both": (False, True), "off": (False,), "on": (True,)}[args.tls]
+        parts = [bench.bench_transport(sizes, mib=args.mib, repeats=args.repeats, tls=tls) for tls in modes]
+        res = {**parts[0], "rows": [row for part in parts for row in part["rows"]]}
+        if args.json:
+            _emit_json(res)
+        else:
+            print(bench.transport_table(res))
+        return 0
+    if args.what == "pipeline":
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        res = bench.bench_pipeline(
+            models, requests=args.requests, window=args.window, warmup=args.warmup, rounds=args.rounds
+        )
+        if args.json:
+            _emit_json(res)
+        else:
+            print(bench.pipeline_table(res))
+        return 0
     raise ConfigError(f"unknown benchmark {args.what!r}")
 
 
@@ -214,7 +234,10 @@ def _has_cuda_provider() -> bool:
     spec = importlib.util.find_spec("onnxruntime")
     if spec is None or not spec.submodule_search_locations:
         return False
-    return any((Path(d) / "capi" / "libonnxruntime_providers_cuda.so").exists() for d in spec.submodule_search_locations)
+    return any(
+        (Path(d) / "capi" / "libonnxruntime_providers_cuda.so").exists()
+        for d in spec.submodule_search_locations
+    )
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -229,13 +252,19 @@ def cmd_node(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"bad --listen {args.listen!r}: expected host:port (port 0 picks one)")
-    extra = load_profiles(args.profiles_file) if args.profiles_file else None
-    profile = resolve_profiles([args.profile], extra)[0]
     physical = {"cpu"} | ({"gpu"} if _has_cuda_provider() else set())
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if profile.kind == "gpu" and "gpu" in physical else (
-        "CPUExecutionProvider",
-    )
-    cap = NodeCapability(name=args.name, profile=profile, emulated=profile.kind not in physical, providers=providers)
+    if args.profile == "host":  # this machine as it is: cores, memory, providers, measured speed
+        from meshai.capabilities import detect_host
+
+        cap = detect_host(args.name)
+        profile = cap.profile
+        providers = cap.providers
+    else:
+        extra = load_profiles(args.profiles_file) if args.profiles_file else None
+        profile = resolve_profiles([args.profile], extra)[0]
+        gpu = profile.kind == "gpu" and "gpu" in physical
+        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
+        cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
     cfg = NodeConfig(
         name=args.name,
@@ -528,9 +557,49 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     be = sub.add_parser("bench", help="benchmarks, with ratios against a baseline measured in the same run")
-    be.add_argument("what", choices=["plan"])
-    be.add_argument("--cases", type=_positive_int, default=300, help="random DAGs for the quality check")
-    be.add_argument("--repeats", type=_positive_int, default=5)
+    be.add_argument("what", choices=["plan", "transport", "pipeline"])
+    be.add_argument(
+        "--cases", type=_positive_int, default=300, help="plan: random DAGs for the quality check"
+    )
+    be.add_argument(
+        "--repeats", type=_positive_int, default=5, help="plan, transport: timed runs (default 5)"
+    )
+    be.add_argument(
+        "--sizes",
+        default="4MiB,64KiB",
+        help="transport: float32 tensor sizes in bytes, KiB or MiB (default 4MiB,64KiB)",
+    )
+    be.add_argument(
+        "--mib", type=float, default=64.0, help="transport: MiB sent per run and kind (default 64)"
+    )
+    be.add_argument(
+        "--tls",
+        choices=["both", "off", "on"],
+        default="both",
+        help="transport: plain TCP, TLS or both (default)",
+    )
+    be.add_argument(
+        "--models",
+        default="squeezenet,resnet50",
+        help="pipeline: models, comma-separated (default squeezenet,resnet50)",
+    )
+    be.add_argument(
+        "--requests",
+        type=_positive_int,
+        help="pipeline: timed requests per model (default 200 for squeezenet, 40 for resnet50)",
+    )
+    be.add_argument(
+        "--window", type=_positive_int, default=8, help="pipeline: requests in flight (default 8)"
+    )
+    be.add_argument(
+        "--warmup", type=int, default=5, help="pipeline: untimed requests per deployment first (default 5)"
+    )
+    be.add_argument(
+        "--rounds",
+        type=_positive_int,
+        default=2,
+        help="pipeline: chunks the timed requests are cut into, deployments taking turns (default 2)",
+    )
     be.add_argument("--json", action="store_true")
     be.set_defaults(func=cmd_bench)
 
@@ -542,7 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     nd = sub.add_parser("node", help="run a node agent")
     nd.add_argument("--name", required=True)
     nd.add_argument(
-        "--profile", default="cpu", help="device class this node presents (cpu, gpu, npu, tpu, mcu, …)"
+        "--profile",
+        default="cpu",
+        help="device class this node presents (cpu, gpu, npu, tpu, mcu, a --profiles-file name, or host: this machine measured)",
     )
     nd.add_argument("--profiles-file")
     nd.add_argument("--listen", default="127.0.0.1:0", help="host:port to serve on (default 127.0.0.1:0)")
@@ -619,6 +690,12 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--batch", type=_positive_int, default=1)
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
+
+    from meshai.package_cli import add_package_parsers
+    from meshai.security_cli import add_ca_parser
+
+    add_ca_parser(sub)
+    add_package_parsers(sub)
     return p
 
 

@@ -33,6 +33,7 @@ import contextlib
 import logging
 import math
 import socket
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -41,7 +42,14 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import Self, TypedDict, Unpack, cast
 
-from meshai.errors import ConfigError, LocalProtocolError, PeerError, ProtocolError, RemoteProtocolError
+from meshai.errors import (
+    ConfigError,
+    LocalProtocolError,
+    MeshaiError,
+    PeerError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 from meshai.protocol import (
     DEFAULT_LIMITS,
     Connection,
@@ -69,10 +77,13 @@ _MiB = 1024 * 1024
 WRITE_HIGH_WATER = 4 * _MiB
 """``Channel.send`` waits while more than this many bytes are waiting to go out (resumes at a quarter)."""
 
-_JOIN_MAX = 128 * 1024  # frames up to this size are joined into one write where writelines would join anyway
+_JOIN_MAX = 16 * 1024  # frames up to this size are joined into one write where writelines would join anyway
 _MESSAGE_OVERHEAD = 64  # bytes counted per queued message on top of its tensor and body bytes
 _CLOSE_GRACE = 1.0  # seconds close() lets buffered bytes drain before it aborts the connection
 _SCRATCH = 64 * 1024
+MIN_FRAME_RATE = 1024 * 1024
+"""Bytes/s a peer must at least sustain within a frame: one that trickles slower is cut off after
+``read_timeout + frame size / MIN_FRAME_RATE`` seconds (a slowloris defence)."""
 
 Clock = Callable[[], float]
 
@@ -130,11 +141,7 @@ def _message_bytes(msg: Message) -> int:
 
 def _frame_pending(conn: Connection) -> bool:
     """True while a frame has been partly received."""
-    # Connection does not expose FrameDecoder.idle yet; use it if it appears, else read the decoder.
-    idle = getattr(conn, "idle", None)
-    if isinstance(idle, bool):
-        return not idle
-    return not conn._decoder.idle
+    return not conn.idle
 
 
 def _address(sockaddr: object) -> str:
@@ -168,6 +175,7 @@ class Channel:
         self._rx_dead = False
         self._discard: memoryview | None = None
         self._last_rx = options.clock()
+        self._frame_started: float | None = None
         self._heartbeat_seq = 0
         self._beat_handle: asyncio.TimerHandle | None = None
         self._check_handle: asyncio.TimerHandle | None = None
@@ -195,6 +203,14 @@ class Channel:
     def peer_id(self) -> str:
         """The peer's node id, from its ``Hello``."""
         return self.their_hello.node_id
+
+    @property
+    def ssl_object(self) -> ssl.SSLObject | None:
+        """The TLS session of this channel (peer certificate, version), or None on plain TCP."""
+        if self._transport is None:
+            return None
+        obj = self._transport.get_extra_info("ssl_object")
+        return obj if isinstance(obj, ssl.SSLObject) else None
 
     @property
     def peername(self) -> str:
@@ -286,6 +302,12 @@ class Channel:
         elif silent > opts.read_timeout and _frame_pending(self._conn):
             text = f"incomplete frame, then nothing for {opts.read_timeout} s"
             self._shutdown(f"{self.name} sent an {text}", error=Error(None, "read_timeout", text))
+        elif self._frame_started is not None:
+            size = self._conn.frame_bytes
+            budget = opts.read_timeout + size / MIN_FRAME_RATE
+            if opts.clock() - self._frame_started > budget:
+                text = f"frame of {size} bytes still incomplete after {budget:.1f} s (slower than {MIN_FRAME_RATE} B/s)"
+                self._shutdown(f"{self.name} trickled a {text}", error=Error(None, "read_timeout", text))
 
     # ----- machinery used by connect() and Server
 
@@ -293,7 +315,8 @@ class Channel:
         """Encode and write ``msg`` now, ignoring backpressure; PeerError if closed."""
         transport = self._transport
         if self.closed.is_set() or transport is None or transport.is_closing():
-            raise PeerError(f"cannot send {type(msg).__name__}: {self.close_reason or 'not connected'}")
+            why = self.close_reason or f"{self.name} is not connected"
+            raise PeerError(f"cannot send {type(msg).__name__}: {why}")
         self._emit(transport, self._conn.send(msg))
 
     def _emit(self, transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
@@ -391,6 +414,10 @@ class Channel:
         except LocalProtocolError:  # cannot happen while _rx_dead is False
             self._rx_dead = True
             return
+        if self._conn.idle:
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = self._last_rx
         for msg in msgs:
             self._deliver(msg)
 
@@ -426,7 +453,7 @@ class Channel:
 
     def _beat(self) -> None:
         transport = self._transport
-        if self.closed.is_set() or transport is None:
+        if self.closed.is_set() or transport is None or transport.is_closing():
             return
         self._beat_handle = self._loop.call_later(self._opts.heartbeat_interval, self._beat)
         # Bytes already waiting to go out prove we are alive just as well.
@@ -533,6 +560,7 @@ class Server:
         ssl: SSLContext | None = None,
         limits: Limits = DEFAULT_LIMITS,
         hello_timeout: float = 5.0,
+        verify: Callable[[Channel, Hello], object] | None = None,
         **options: Unpack[ChannelOptions],
     ) -> None:
         self.host = host
@@ -542,6 +570,7 @@ class Server:
         self._ssl = ssl
         self._limits = limits
         self._hello_timeout = hello_timeout
+        self._verify = verify
         self._opts = _Options(**options)
         self._server: asyncio.Server | None = None
         self._all: set[Channel] = set()
@@ -619,6 +648,15 @@ class Server:
     async def _serve(self, channel: Channel, hello: Hello) -> None:
         try:
             theirs = await channel._await_hello(self._hello_timeout, f"peer at {channel.peername}")
+            if self._verify is not None:
+                try:
+                    self._verify(channel, theirs)  # before our Hello: an impostor learns nothing
+                except MeshaiError as exc:
+                    log.info("refused %s: %s", channel.peername, exc)
+                    channel._shutdown(
+                        f"refused {channel.name}: {exc}", error=Error(None, "unauthorized", str(exc))
+                    )
+                    return
             channel._write(hello)
         except PeerError as exc:
             log.info("handshake failed: %s", exc)

@@ -100,6 +100,26 @@ class _Stage:
     busy_s: float = 0.0
 
 
+class _NodePool(PeerPool):
+    """The node's channels; a message the node sends to itself is handled in-process.
+
+    The entry of a long-lived deployment lives on a node that usually runs a stage of it too (stage
+    0's node by default): the entry sends that stage its inputs, and the stage reports its outputs
+    to the entry, without a channel.
+    """
+
+    def __init__(self, agent: NodeAgent) -> None:
+        super().__init__(agent._hello, agent._on_message, agent._on_control, agent._on_lost)
+        self._agent = agent
+
+    async def send(self, peer_id: str, msg: Message) -> None:
+        """Send to a peer, or hand the message to this node's own dispatch when it is addressed here."""
+        if peer_id == self._agent.name:
+            await self._agent._deliver_local(msg)
+            return
+        await super().send(peer_id, msg)
+
+
 class NodeAgent:
     """A meshai node: ``async with NodeAgent(cfg) as node: await node.serve_forever()``."""
 
@@ -112,7 +132,7 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
         self._discovery: Discovery | None = None
-        self.pool = PeerPool(self._hello, self._on_message, self._on_control, self._on_lost)
+        self.pool: PeerPool = _NodePool(self)
         self._stop = asyncio.Event()
         self.started_at = time.time()
         self.bytes_out = 0  # tensor bytes this node sent to other nodes and entries
@@ -192,9 +212,21 @@ class NodeAgent:
 
     # ----- dispatch
 
-    async def _on_message(self, peer: str, msg: Message, ch: Channel) -> None:
+    async def _reply(self, ch: Channel | None, msg: Message) -> None:
+        """Answer on ``ch``, or in-process when the message came from this node itself (``ch`` None)."""
+        if ch is None:
+            await self._deliver_local(msg)
+        else:
+            await ch.send(msg)
+
+    async def _deliver_local(self, msg: Message) -> None:
+        """Handle a message this node sends to itself: a deployment entry it hosts feeds its own stage,
+        and that stage reports back to the entry (there is no channel from a node to itself)."""
+        await self._on_message(self.name, msg, None)
+
+    async def _on_message(self, peer: str, msg: Message, ch: Channel | None) -> None:
         if isinstance(msg, Deploy):
-            await ch.send(await self._deploy(peer, msg))
+            await self._reply(ch, await self._deploy(peer, msg))
         elif isinstance(msg, Undeploy):
             st = self._stages.pop(msg.deployment, None)
             if st is not None:
@@ -302,7 +334,7 @@ class NodeAgent:
             st.worker.cancel()
         st.executor.shutdown(wait=False, cancel_futures=True)
 
-    async def _on_infer(self, peer: str, msg: Infer, ch: Channel) -> None:
+    async def _on_infer(self, peer: str, msg: Infer, ch: Channel | None) -> None:
         st = self._stages.get(msg.deployment)
         if st is None:
             entry = self._entries.get(msg.deployment)
@@ -311,24 +343,26 @@ class NodeAgent:
                     self._serve_entry(entry, msg, ch), f"meshai-entry {msg.deployment}/{msg.request_id}"
                 )
                 return
-            await ch.send(
+            await self._reply(
+                ch,
                 Error(
                     msg.request_id,
                     "unknown_deployment",
                     f"node {self.name!r} has no deployment {msg.deployment!r}",
                     msg.deployment,
-                )
+                ),
             )
             return
         unknown = [t for t in msg.tensors if t not in st.inputs]
         if unknown:
-            await ch.send(
+            await self._reply(
+                ch,
                 Error(
                     msg.request_id,
                     "bad_input",
                     f"stage {st.stage_id} on {self.name!r} does not take tensor {unknown[0]!r}",
                     msg.deployment,
-                )
+                ),
             )
             return
         part = st.pending.setdefault(msg.request_id, {})
@@ -403,13 +437,13 @@ class NodeAgent:
 
     # ----- long-lived deployments hosted here
 
-    async def _serve_entry(self, entry: Pipeline, msg: Infer, ch: Channel) -> None:
+    async def _serve_entry(self, entry: Pipeline, msg: Infer, ch: Channel | None) -> None:
         try:
             outs = await entry.infer(msg.tensors)
-            await ch.send(Result(msg.request_id, msg.deployment, outs))
+            await self._reply(ch, Result(msg.request_id, msg.deployment, outs))
         except MeshaiError as exc:
             with contextlib.suppress(PeerError):
-                await ch.send(Error(msg.request_id, "inference", str(exc), msg.deployment))
+                await self._reply(ch, Error(msg.request_id, "inference", str(exc), msg.deployment))
 
     async def _on_control(self, peer: str, msg: Control) -> ControlReply:
         op, body = msg.op, msg.body
@@ -486,6 +520,7 @@ class NodeAgent:
                 for s in self._stages.values()
             ],
             "entries": sorted(self._entries),
+            "peers": sorted(self.pool.live()),  # peers with an open channel (a dead one drops out)
             "bytes_sent": self.bytes_out,
             "uptime_s": round(time.time() - self.started_at, 3),
         }

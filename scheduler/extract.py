@@ -219,3 +219,46 @@ def extract_assignment(
         for k, spec in enumerate(specs)
     ]
     return specs, models
+
+
+def ops_between(graph: GraphIR, inputs: Sequence[str], outputs: Sequence[str]) -> tuple[list[int], list[str]]:
+    """The compute ops (positions) that make ``outputs`` from ``inputs``, and the const ops they carry.
+
+    This is how a node cuts its own stage out of a whole model it received in a signed package: the
+    stage is named by its cut tensors only.  ModelError if ``outputs`` need a tensor that is neither
+    among ``inputs``, nor a constant, nor made by an op in between.
+    """
+    cut = set(inputs)
+    need: list[str] = [t for t in outputs if t not in cut]
+    ops: set[int] = set()
+    seen: set[str] = set()
+    while need:
+        t = need.pop()
+        if t in seen:
+            continue
+        seen.add(t)
+        p = graph.producer.get(t)
+        if p is None:
+            if t in graph.const_bytes:
+                continue
+            raise ModelError(f"the stage needs tensor {t!r}, which is not among its cut inputs")
+        if p in ops:
+            continue
+        ops.add(p)
+        need.extend(i for i in graph.ops[p].inputs if i not in cut and i not in graph.const_bytes)
+    order = sorted(ops)
+    const_ops: dict[str, None] = {}
+    for p in order:
+        for t in graph.ops[p].const_inputs:
+            const_ops.update(dict.fromkeys(graph.const_closure.get(t, ())))
+    return order, list(const_ops)
+
+
+def extract_cut(
+    model: onnx.ModelProto, graph: GraphIR, inputs: Sequence[str], outputs: Sequence[str], name: str
+) -> onnx.ModelProto:
+    """The stage model between cut tensors ``inputs`` and ``outputs`` of a normalized whole model."""
+    order, const_ops = ops_between(graph, inputs, outputs)
+    if not order:
+        raise ModelError(f"{name}: no op lies between its cut inputs and outputs")
+    return extract_stage(model, graph, [graph.ops[p].name for p in order], const_ops, inputs, outputs, name)

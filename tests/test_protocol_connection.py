@@ -28,6 +28,8 @@ from meshai.protocol import (
     Result,
     State,
     Undeploy,
+    Upload,
+    Uploaded,
     encode,
 )
 
@@ -41,6 +43,8 @@ ONE_OF_EACH: dict[type[Message], Message] = {
     Deploy: Deploy("d", 0, b"", "", ("x",), ("y",), {"y": ("caller",)}, package="p"),
     Deployed: Deployed("d", 0, True),
     Undeploy: Undeploy("d"),
+    Upload: Upload("m@1.0", b"PK\x03\x04package"),
+    Uploaded: Uploaded("m@1.0", True),
     Infer: Infer(1, "d", {"x": np.ones((2, 2), np.float32)}),
     Result: Result(1, "d", {"y": np.zeros(3, np.int64)}),
     Error: Error(None, "refused", "no"),

@@ -29,6 +29,8 @@ from meshai.protocol import (
     Message,
     Result,
     Undeploy,
+    Upload,
+    Uploaded,
     encode,
     messages,
 )
@@ -120,6 +122,8 @@ def sample_messages() -> list[Message]:
         Deployed("dep1", 0, True),
         Deployed("dep1", 1, False, "onnxruntime failed: bad op"),
         Undeploy("dep1"),
+        Upload("model@1.2.0", bytes(range(256)) * 10),
+        Uploaded("model@1.2.0", False, "signature does not verify"),
         Infer(1, "dep1", t),
         Infer(2**64 - 1, "dep1", {}, reply_to="caller"),
         Result(7, "dep1", t),
@@ -139,7 +143,7 @@ def sample_messages() -> list[Message]:
 
 def test_every_kind_is_sampled() -> None:
     assert {type(m) for m in sample_messages()} == set(MESSAGE_TYPES.values())
-    assert len(set(MESSAGE_TYPES)) == len(MESSAGE_TYPES) == 11
+    assert len(set(MESSAGE_TYPES)) == len(MESSAGE_TYPES) == 13
     assert all(kind == cls.KIND for kind, cls in MESSAGE_TYPES.items())
 
 

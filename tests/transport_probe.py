@@ -194,7 +194,7 @@ async def _send_raw(port: int, client_ctx: ssl.SSLContext | None, arr: np.ndarra
         HOST, port, ssl=client_ctx, server_hostname="localhost" if client_ctx else None, limit=_STREAM_LIMIT
     )
     writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
-    view = memoryview(arr).cast("B")
+    view = arr.data.cast("B")
     start = time.perf_counter()
     writer.write(_COUNT.pack(count, arr.nbytes))
     for _ in range(count):

@@ -22,6 +22,8 @@ from meshai.protocol.messages import (
     Result,
     Tensor,
     Undeploy,
+    Upload,
+    Uploaded,
 )
 
 __all__ = [

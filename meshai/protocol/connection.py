@@ -53,6 +53,8 @@ from meshai.protocol.messages import (
     Message,
     Result,
     Undeploy,
+    Upload,
+    Uploaded,
 )
 
 __all__ = ["SESSION_MESSAGES", "TRANSITIONS", "Connection", "Phase", "State"]
@@ -80,6 +82,8 @@ SESSION_MESSAGES: tuple[type[Message], ...] = (
     Deploy,
     Deployed,
     Undeploy,
+    Upload,
+    Uploaded,
     Infer,
     Result,
     Heartbeat,
@@ -151,6 +155,16 @@ class Connection:
     def their_phase(self) -> Phase:
         """What the peer has said so far."""
         return self._their_phase
+
+    @property
+    def frame_bytes(self) -> int:
+        """Declared size of the frame being received (0 before its prefix is complete)."""
+        return self._decoder.frame_bytes
+
+    @property
+    def idle(self) -> bool:
+        """True between frames (no partial frame buffered); see ``FrameDecoder.idle``."""
+        return self._decoder.idle
 
     @property
     def their_hello(self) -> Hello | None:

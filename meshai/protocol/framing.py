@@ -88,9 +88,9 @@ DTYPES: dict[str, str] = {
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {wire: np.dtype(wire) for wire in DTYPES.values()}
 _WIRE_NAMES: dict[str, str] = {wire: name for name, wire in DTYPES.items()}
 
-SCRATCH_BYTES = 64 * 1024
+SCRATCH_BYTES = 256 * 1024
 """Size of the decoder's scratch buffer for prefixes, headers and small tensors."""
-DIRECT_MIN = 64 * 1024
+DIRECT_MIN = 256 * 1024
 """``get_buffer`` hands out a view into the target array when at least this many bytes of it remain."""
 
 _MiB = 1024 * 1024
@@ -260,6 +260,11 @@ class FrameDecoder:
     # ----- public
 
     @property
+    def frame_bytes(self) -> int:
+        """Declared size of the frame being received (0 before its prefix is complete)."""
+        return self._frame_total
+
+    @property
     def idle(self) -> bool:
         """True between frames (no partial frame buffered); False also once the decoder is dead."""
         return self._error is None and self._phase == _PREFIX and self._filled == 0
@@ -337,6 +342,7 @@ class FrameDecoder:
         self._filled = 0
         self._head: dict[str, Any] = {}
         self._body_len = 0
+        self._frame_total = 0
         self._index = 0
 
     def _consume(self, data: memoryview) -> None:
@@ -380,6 +386,7 @@ class FrameDecoder:
         if total > lim.max_frame_bytes:
             self._bad(f"frame of {total} bytes (body {blen}) exceeds limit {lim.max_frame_bytes}")
         self._body_len = blen
+        self._frame_total = total
         self._header = memoryview(bytearray(hlen))
         self._target = self._header
         self._filled = 0

@@ -47,6 +47,8 @@ __all__ = [
     "Result",
     "Tensor",
     "Undeploy",
+    "Upload",
+    "Uploaded",
 ]
 
 PROTOCOL_VERSION = 1
@@ -283,6 +285,38 @@ class Deployed(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class Upload(Message):
+    """Hand a node a signed model package (``name@version``) for its store; answered by ``Uploaded``."""
+
+    KIND: ClassVar[str] = "upload"
+    BODY_FIELDS: ClassVar[tuple[str, ...]] = ("data",)
+
+    package: str
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _str("Upload.package", self.package, empty=False)
+        if not isinstance(self.data, bytes) or not self.data:
+            raise _fail("Upload.data", "non-empty bytes", type(self.data).__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Uploaded(Message):
+    """A node's answer to ``Upload``: the package verified and is stored (``ok``), or why not."""
+
+    KIND: ClassVar[str] = "uploaded"
+
+    package: str
+    ok: bool
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        _str("Uploaded.package", self.package, empty=False)
+        _bool("Uploaded.ok", self.ok)
+        _set(self, "message", _text("Uploaded.message", self.message))
+
+
+@dataclass(frozen=True, slots=True)
 class Undeploy(Message):
     """Remove every stage of a deployment from the receiving node."""
 
@@ -428,6 +462,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Deploy,
         Deployed,
         Undeploy,
+        Upload,
+        Uploaded,
         Infer,
         Result,
         Error,
