@@ -595,7 +595,14 @@ async def _bench_pipeline(
     from meshai.sim import NodeProcesses
     from meshai.tensors import random_inputs, request_slices
 
-    loaded_models = [load_for_planning(m) for m in models]  # fail on a bad name before starting anything
+    # Everything CPU-heavy happens before the nodes start or off the event loop: a caller whose loop
+    # stalls for longer than the channels' dead_after (2 s) is hung up on by its nodes.
+    prepared = []
+    for m in models:
+        loaded = load_for_planning(m)  # fails on a bad name before anything starts
+        count = requests or PIPELINE_REQUESTS.get(loaded.name, PIPELINE_REQUESTS_OTHER)
+        reqs = request_slices(random_inputs(loaded.model, seed=seed, requests=count + warmup))
+        prepared.append((loaded, reqs[:warmup], reqs[warmup:]))
     names = [f"n{i}" for i in range(PIPELINE_STAGES)]
     profiles = ["cpu"] * PIPELINE_STAGES
     threads = os.cpu_count() or 1
@@ -616,19 +623,15 @@ async def _bench_pipeline(
             except PeerError:
                 check_alive()
                 raise
-            for loaded in loaded_models:
-                count = requests or PIPELINE_REQUESTS.get(loaded.name, PIPELINE_REQUESTS_OTHER)
-                stacked = random_inputs(loaded.model, seed=seed, requests=count + warmup)
-                reqs = request_slices(stacked)
-                warm, timed = reqs[:warmup], reqs[warmup:]
+            for loaded, warm, timed in prepared:
+                on = {
+                    "whole": (1, names[:1]),
+                    "whole_threaded": (1, [_THREADED]),
+                    "pipeline": (PIPELINE_STAGES, names),
+                }
                 plans = {
-                    "whole": mesh.plan(loaded, objective="throughput", stages=1, nodes=names[:1])[0],
-                    "whole_threaded": mesh.plan(loaded, objective="throughput", stages=1, nodes=[_THREADED])[
-                        0
-                    ],
-                    "pipeline": mesh.plan(
-                        loaded, objective="throughput", stages=PIPELINE_STAGES, nodes=names
-                    )[0],
+                    label: mesh.plan(loaded, objective="throughput", stages=k, nodes=nodes)[0]
+                    for label, (k, nodes) in on.items()
                 }
                 try:
                     runs = await _timed_runs(mesh, plans, loaded, warm, timed, window, rounds)
@@ -636,7 +639,8 @@ async def _bench_pipeline(
                     check_alive()
                     raise
                 runs["whole_threaded"][0]["threads"] = threads
-                rows.append(_pipeline_row(loaded, plans["pipeline"], timed, runs))
+                # in a thread, so that the channels to the nodes keep their heartbeats meanwhile
+                rows.append(await asyncio.to_thread(_pipeline_row, loaded, plans["pipeline"], timed, runs))
     return {
         "rows": rows,
         "nodes": [{"name": n, "profile": p, "threads": 1} for n, p in zip(names, profiles, strict=True)]

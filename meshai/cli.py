@@ -534,8 +534,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- main
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser."""
+#: Commands whose parsers live in meshai.security_cli / meshai.package_cli.
+SECURITY_COMMANDS = frozenset({"ca", "keygen", "package"})
+
+
+def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
+    """The full argument parser (without the CA and package commands when ``with_security`` is off)."""
     p = _Parser(prog="meshai", description="Run one neural network across a swarm of edge devices.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -691,18 +695,21 @@ def build_parser() -> argparse.ArgumentParser:
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 
-    from meshai.package_cli import add_package_parsers
-    from meshai.security_cli import add_ca_parser
+    if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
+        from meshai.package_cli import add_package_parsers
+        from meshai.security_cli import add_ca_parser
 
-    add_ca_parser(sub)
-    add_package_parsers(sub)
+        add_ca_parser(sub)
+        add_package_parsers(sub)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: run one command; MeshaiError becomes one line on stderr and exit 1."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    command = next((w for w in words if not w.startswith("-")), None)
+    parser = build_parser(with_security=command is None or command in SECURITY_COMMANDS)
+    args = parser.parse_args(words)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -150,7 +151,8 @@ class NodeProcesses:
             os.kill(p.pid, sig)
 
     def stop(self, grace: float = 5.0) -> None:
-        """End every node process we started: SIGTERM (clean goodbye), then SIGKILL after ``grace``."""
+        """End every node process we started (SIGTERM for a clean goodbye, SIGKILL after ``grace``) and
+        remove their log folder."""
         for p in self.procs.values():
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -163,6 +165,7 @@ class NodeProcesses:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGKILL)
                 p.wait()
+        shutil.rmtree(self.logdir, ignore_errors=True)
 
 
 def _requests(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]]:

@@ -141,6 +141,7 @@ class WatchedRun:
         self.timeout = timeout
         self.node_pids: set[int] = set()
         self.meshes: set[str] = set()
+        self.stderr_files: set[str] = set()  # where the node processes' stderr went (their logs)
 
     def run(self) -> subprocess.CompletedProcess[str]:
         proc = subprocess.Popen(
@@ -186,6 +187,10 @@ class WatchedRun:
                 m = mesh_of(argv)
                 if m:
                     self.meshes.add(m)
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/2")
+                    if target.startswith("/"):
+                        self.stderr_files.add(target)
 
     def leftovers(self, grace: float = 5.0) -> list[int]:
         """Node processes of the watched run still alive after ``grace`` seconds."""

@@ -77,6 +77,8 @@ def run_sim(*args: str, timeout: float = 180.0) -> tuple[dict[str, Any], Watched
     r = w.run()
     assert r.returncode == 0, r.stderr
     assert w.leftovers() == [], f"node processes left behind: {w.leftovers()}"
+    assert w.stderr_files, "the watcher should have found the node processes' log files"
+    assert not [f for f in w.stderr_files if Path(f).exists()], "node log files left behind"
     return json.loads(r.stdout), w
 
 
