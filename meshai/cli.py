@@ -193,17 +193,46 @@ def _add_mesh_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="", help="mesh id (isolates swarms that share a network)")
     p.add_argument("--wait", type=_positive_int, default=None, metavar="N", help="wait for N nodes")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for nodes")
+    _add_identity_flags(p)
+    p.add_argument(
+        "--revocations", metavar="FILE", help="a newer revoked.json (e.g. the CA's) to hand to every node"
+    )
+
+
+def _add_identity_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--identity", metavar="DIR", help="identity from 'meshai ca issue' (default $MESHAI_IDENTITY)"
+    )
+    p.add_argument("--insecure", action="store_true", help="no TLS, no membership checks (debugging only)")
+
+
+def _warn_insecure(args: argparse.Namespace) -> None:
+    import os
+
+    if args.insecure or (
+        not getattr(args, "identity", None)
+        and os.environ.get("MESHAI_INSECURE") == "1"
+        and not os.environ.get("MESHAI_IDENTITY")
+    ):
+        sys.stderr.write(
+            "meshai: warning: insecure mode: no TLS and no membership checks; anyone on this network "
+            "can join the mesh, read tensors and send models\n"
+        )
 
 
 def _mesh(args: argparse.Namespace) -> Any:
     from meshai.mesh import Mesh
 
+    _warn_insecure(args)
     peers = [p for p in args.peers.split(",") if p] if args.peers else []
     return Mesh(
         interfaces=tuple(args.interface or ["127.0.0.1"]),
         discovery=args.discovery,
         peers=peers,
         mesh=args.mesh,
+        identity=args.identity,
+        insecure=args.insecure,
+        revocations=args.revocations,
     )
 
 
@@ -266,6 +295,12 @@ def cmd_node(args: argparse.Namespace) -> int:
         providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
         cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
+    identity = args.identity or os.environ.get("MESHAI_IDENTITY") or None
+    if not identity and not args.insecure and os.environ.get("MESHAI_INSECURE") != "1":
+        raise ConfigError(
+            "a node needs --identity DIR (from 'meshai ca issue'; mutual TLS) or --insecure (debugging only)"
+        )
+    _warn_insecure(args)
     cfg = NodeConfig(
         name=args.name,
         capability=cap,
@@ -277,6 +312,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         mesh=args.mesh,
         pace=args.pace,
         threads=args.threads,
+        providers=providers,
+        identity=identity,
+        trusted_key=args.trusted_key,
+        store=args.store,
     )
 
     async def serve() -> None:
@@ -309,28 +348,32 @@ def cmd_peers(args: argparse.Namespace) -> int:
     """List the nodes this host can see, with their capabilities."""
     from meshai.tables import format_table, human_bytes
 
-    async def go() -> dict[str, Any]:
-        async with _mesh(args) as mesh:
-            peers = await _gather_peers(mesh, args)
-            return {n: p.to_dict() for n, p in sorted(peers.items())}
+    async def go() -> tuple[dict[str, Any], list[dict[str, str]]]:
+        from meshai.errors import PeerError
 
-    peers = _run(go())
+        async with _mesh(args) as mesh:
+            try:
+                peers = await _gather_peers(mesh, args)
+            except PeerError:
+                if not mesh.untrusted:
+                    raise
+                peers = {}
+            return {n: p.to_dict() for n, p in sorted(peers.items())}, sorted(
+                mesh.untrusted.values(), key=lambda u: u["name"]
+            )
+
+    peers, untrusted = _run(go())
     if args.json:
-        _emit_json({"peers": list(peers.values())})
+        _emit_json({"peers": list(peers.values()), "untrusted": untrusted})
         return 0
+    for u in untrusted:
+        sys.stderr.write(f"untrusted: {u['name']} at {u['address']}: {u['reason']}\n")
     rows = []
     for p in peers.values():
         prof = p["capabilities"]["profile"]
-        rows.append(
-            [
-                p["name"],
-                p["address"],
-                prof["kind"],
-                ",".join(prof["flops"]),
-                human_bytes(prof["memory_bytes"]),
-                "yes" if p["capabilities"]["emulated"] else "no",
-            ]
-        )
+        emulated = "yes" if p["capabilities"]["emulated"] else "no"
+        memory = human_bytes(prof["memory_bytes"])
+        rows.append([p["name"], p["address"], prof["kind"], ",".join(prof["flops"]), memory, emulated])
     print(format_table(["node", "address", "accelerator", "precisions", "memory", "emulated"], rows))
     return 0
 
@@ -339,6 +382,26 @@ def _constraints_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     p.add_argument("--stages", type=_positive_int)
     p.add_argument("--pin", action="append", metavar="INPUT=NODE")
+
+
+def _package(args: argparse.Namespace, loaded: Any) -> tuple[bytes, str] | None:
+    """``--package PKG``: the signed package to deploy from; it must hold the model being planned."""
+    if not getattr(args, "package", None):
+        return None
+    from pathlib import Path
+
+    from meshai.packages import inspect_package
+
+    try:
+        data = Path(args.package).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read package {args.package!r}: {exc.strerror}") from None
+    manifest, signed = inspect_package(data)
+    if not signed:
+        raise ConfigError(f"package {args.package!r} is not signed (meshai package sign)")
+    if not any(f.sha256 == loaded.source_sha256 for f in manifest.files):
+        raise ConfigError(f"package {args.package!r} ({manifest.ref}) does not contain model {loaded.name!r}")
+    return data, manifest.ref
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -356,7 +419,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
             )
             outs: list[Any] = []
-            async with mesh.deploy(plan, loaded) as pipe:
+            async with mesh.deploy(plan, loaded, package=_package(args, loaded)) as pipe:
                 async for o in pipe.stream(reqs):
                     outs.append(o)
                 st = pipe.stats
@@ -402,7 +465,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
             plan, _ = mesh.plan(
                 loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
             )
-            return dict(await mesh.deploy_named(args.name, plan, loaded, entry=args.entry))
+            return dict(
+                await mesh.deploy_named(
+                    args.name, plan, loaded, entry=args.entry, package=_package(args, loaded)
+                )
+            )
 
     rep = _run(go())
     if args.json:
@@ -522,7 +589,10 @@ def cmd_sim(args: argparse.Namespace) -> int:
         window=args.window,
         batch=args.batch,
         profiles_file=args.profiles_file,
+        insecure=args.insecure,
+        ca=args.ca,
     )
+    _warn_insecure(args)
     rep = run_sim_blocking(opts)
     if args.json:
         _emit_json(rep)
@@ -632,6 +702,9 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     nd.add_argument("--mesh", default="")
     nd.add_argument("--pace", action="store_true", help="take the time the profile predicts for each stage")
     nd.add_argument("--threads", type=_positive_int, default=1, help="onnxruntime threads per stage")
+    _add_identity_flags(nd)
+    nd.add_argument("--trusted-key", metavar="K.pub", help="fleet package key: load only packages it signed")
+    nd.add_argument("--store", metavar="DIR", help="where verified packages are kept (default: a temp dir)")
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -644,6 +717,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     rn.add_argument("model")
     rn.add_argument("--inputs", required=True)
     rn.add_argument("--outputs")
+    rn.add_argument("--package", metavar="PKG", help="deploy from this signed package (nodes verify it)")
     _constraints_flags(rn)
     _add_mesh_flags(rn)
     rn.add_argument("--json", action="store_true")
@@ -653,6 +727,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     dp.add_argument("model")
     dp.add_argument("--name", required=True)
     dp.add_argument("--entry", help="node that hosts the deployment's entry (default: stage 0's)")
+    dp.add_argument("--package", metavar="PKG", help="deploy from this signed package (nodes verify it)")
     _constraints_flags(dp)
     _add_mesh_flags(dp)
     dp.add_argument("--json", action="store_true")
@@ -692,6 +767,10 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--pace", action="store_true")
     si.add_argument("--window", type=_positive_int, default=8, help="requests in flight")
     si.add_argument("--batch", type=_positive_int, default=1)
+    si.add_argument("--insecure", action="store_true", help="no TLS, unsigned stage models (debugging only)")
+    si.add_argument(
+        "--ca", metavar="DIR", help="issue the sim's identities from this mesh CA (default: a throwaway one)"
+    )
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 

@@ -18,23 +18,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import secrets
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from meshai.capabilities import NodeCapability, capability_from_dict
 from meshai.discovery import Advert, Discovery, make_discovery
-from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError
+from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError, SecurityError
 from meshai.peers import PeerPool
 from meshai.pipeline import Pipeline, stage_deployment_id
 from meshai.plan import Constraints, Plan
 from meshai.planning import LoadedModel, load_for_planning, make_plan, stage_models
-from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result
+from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
 from meshai.transport import Channel
+
+if TYPE_CHECKING:
+    from meshai.security import Trust
 
 __all__ = ["Mesh", "Peer", "Pipeline", "RemoteDeployment"]
 
@@ -63,18 +67,47 @@ class Mesh:
         peers: Sequence[str] = (),
         mesh: str = "",
         name: str | None = None,
+        identity: str | os.PathLike[str] | None = None,
+        insecure: bool = False,
+        revocations: str | os.PathLike[str] | None = None,
     ) -> None:
-        self.name = name or f"client-{secrets.token_hex(3)}"
+        """``identity`` is a directory from ``meshai ca issue`` (default: ``$MESHAI_IDENTITY``); every
+        connection is then mutual TLS 1.3 and only nodes with certificates from the same mesh CA are used.
+        ``insecure`` (or ``$MESHAI_INSECURE=1``) talks plain TCP to anyone: for debugging only.
+        ``revocations`` is a newer ``revoked.json`` (e.g. the CA's) to hand to every node met."""
+        identity = identity or os.environ.get("MESHAI_IDENTITY") or None
+        insecure = insecure or (not identity and os.environ.get("MESHAI_INSECURE") == "1")
+        self.trust: Trust | None = None
+        if identity:
+            from meshai.security import Trust
+
+            self.trust = Trust.from_dir(identity)
+            if revocations:
+                self.trust.load_newer(revocations)
+        elif not insecure:
+            raise ConfigError(
+                "a mesh identity is needed (--identity DIR from 'meshai ca issue', or $MESHAI_IDENTITY); "
+                "--insecure talks to anyone without TLS"
+            )
+        # with an identity, the mesh speaks as that identity (its certificate names it); ``name`` is ignored
+        # (plus a session suffix, so that processes sharing one client identity never collide)
+        self.name = (
+            f"{self.trust.identity.name}~{secrets.token_hex(3)}"
+            if self.trust
+            else (name or f"client-{secrets.token_hex(3)}")
+        )
         self._discovery: Discovery = make_discovery(discovery, interfaces, peers, mesh)
-        self.pool = PeerPool(self._hello, self._on_message, None, self._on_lost)
+        self.pool = PeerPool(self._hello, self._on_message, None, self._on_lost, trust=self.trust)
         self._pipelines: dict[str, Pipeline] = {}
         self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._peers: dict[str, Peer] = {}
+        self.untrusted: dict[str, dict[str, str]] = {}  # advertised but not proven members: id -> reason
         self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
         self._next_rid = 1
 
     def _hello(self) -> Hello:
-        return Hello(self.name, PROTOCOL_VERSION, "client", {}, "")
+        caps: dict[str, Any] = {"revocations": self.trust.version} if self.trust is not None else {}
+        return Hello(self.name, PROTOCOL_VERSION, "client", caps, "")
 
     async def __aenter__(self) -> Mesh:
         await self._discovery.__aenter__()
@@ -97,13 +130,23 @@ class Mesh:
 
     async def _connect_advert(self, advert: Advert) -> Peer | None:
         address = f"{advert.host}:{advert.port}"
-        if advert.node_id == address:  # a static-list placeholder: the hello names the node
-            ch = await self.pool.connect_address(address)
-        else:
-            ch = await self.pool.get(advert.node_id, address)
+        try:
+            if advert.node_id == address:  # a static-list placeholder: the hello names the node
+                ch = await self.pool.connect_address(address)
+            else:
+                ch = await self.pool.get(advert.node_id, address)
+        except (SecurityError, PeerError) as exc:
+            if self.trust is not None:  # discovery is a hint: only a proven member is a peer
+                self.untrusted[advert.node_id] = {
+                    "name": advert.node_id,
+                    "address": address,
+                    "reason": str(exc),
+                }
+            raise
         hello = ch.their_hello
         if hello.role != "node":
             return None
+        self.untrusted.pop(advert.node_id, None)
         peer = Peer(hello.node_id, hello.listen or address, capability_from_dict(hello.capabilities))
         self._peers[peer.name] = peer
         return peer
@@ -171,17 +214,21 @@ class Mesh:
             loaded, caps, Constraints(objective=objective, stages=stages, pins=dict(pins or {}))
         ), loaded
 
-    async def deploy_pipeline(
-        self,
-        plan: Plan,
-        model: LoadedModel,
-        *,
-        window: int = 16,
-        name: str | None = None,
-        request_timeout: float = 120.0,
-    ) -> Pipeline:
-        """Deploy ``plan``'s stages and return the running Pipeline (close it with ``await p.close()``)."""
-        pipe = Pipeline(name or model.name, plan, self.pool, window=window, request_timeout=request_timeout)
+    def _model_for(self, plan: Plan, model: LoadedModel | None) -> LoadedModel:
+        if model is not None:
+            return model
+        found = self._models.get(plan.model)
+        if found is None:
+            raise DeploymentError(
+                f"no model loaded for the plan of {plan.model!r}: pass the model to deploy()"
+            )
+        return found
+
+    async def _deploy_stages(
+        self, pipe: Pipeline, plan: Plan, model: LoadedModel | None, package: tuple[bytes, str] | None
+    ) -> None:
+        """Deploy a plan's stages: from a signed package each node cuts its own stage out of (uploaded
+        first), or as stage models extracted here."""
         for node in pipe.nodes:
             peer = self._peers.get(node)
             if peer is None:
@@ -189,19 +236,51 @@ class Mesh:
             self.pool.remember(node, peer.address)
         self._pipelines[pipe.stage_deployment] = pipe
         try:
-            blobs = [m.SerializeToString() for m in stage_models(model, plan)]
-            await pipe.deploy(blobs)
+            if package is not None:
+                data, ref = package
+                await pipe.upload(data, ref)
+                await pipe.deploy(None, package=ref)
+            else:
+                blobs = [m.SerializeToString() for m in stage_models(self._model_for(plan, model), plan)]
+                await pipe.deploy(blobs)
         except BaseException:
             self._pipelines.pop(pipe.stage_deployment, None)
             raise
+
+    async def deploy_pipeline(
+        self,
+        plan: Plan,
+        model: LoadedModel | None = None,
+        *,
+        window: int = 16,
+        name: str | None = None,
+        request_timeout: float = 120.0,
+        package: tuple[bytes, str] | None = None,
+    ) -> Pipeline:
+        """Deploy ``plan``'s stages and return the running Pipeline (close it with ``await p.close()``).
+
+        ``package`` is ``(signed package bytes, "name@version")``: nodes verify it and cut their stages
+        out of it themselves (nodes started with ``--trusted-key`` accept nothing else)."""
+        pipe = Pipeline(
+            name or plan.model or "model", plan, self.pool, window=window, request_timeout=request_timeout
+        )
+        await self._deploy_stages(pipe, plan, model, package)
         return pipe
 
     @contextlib.asynccontextmanager
     async def deploy(
-        self, plan: Plan, model: LoadedModel, *, window: int = 16, request_timeout: float = 120.0
+        self,
+        plan: Plan,
+        model: LoadedModel | None = None,
+        *,
+        window: int = 16,
+        request_timeout: float = 120.0,
+        package: tuple[bytes, str] | None = None,
     ) -> AsyncIterator[Pipeline]:
-        """``async with mesh.deploy(plan, model) as pipeline``: stages released on exit."""
-        pipe = await self.deploy_pipeline(plan, model, window=window, request_timeout=request_timeout)
+        """``async with mesh.deploy(plan) as pipeline``: stages released on exit."""
+        pipe = await self.deploy_pipeline(
+            plan, model, window=window, request_timeout=request_timeout, package=package
+        )
         try:
             yield pipe
         finally:
@@ -211,7 +290,12 @@ class Mesh:
     # ----- long-lived deployments
 
     async def deploy_named(
-        self, name: str, plan: Plan, model: LoadedModel, entry: str | None = None
+        self,
+        name: str,
+        plan: Plan,
+        model: LoadedModel | None = None,
+        entry: str | None = None,
+        package: tuple[bytes, str] | None = None,
     ) -> dict[str, Any]:
         """Deploy and leave serving: the stages stay, their entry lives on a node (``entry`` or stage 0's)."""
         if not name or len(name) > 63:
@@ -224,12 +308,8 @@ class Mesh:
             raise PeerError(f"entry node {entry!r} is not connected")
         sid = stage_deployment_id(name)
         pipe = Pipeline(name, plan, self.pool, stage_id=sid, owner=False)
-        for node in pipe.nodes:
-            self.pool.remember(node, self._peers[node].address)
-        self._pipelines[sid] = pipe
         try:
-            blobs = [m.SerializeToString() for m in stage_models(model, plan)]
-            await pipe.deploy(blobs)
+            await self._deploy_stages(pipe, plan, model, package)
             addresses = {n: self._peers[n].address for n in pipe.nodes}
             reply = await self.pool.control(
                 entry,
@@ -284,6 +364,9 @@ class Mesh:
                 return
         if dep is not None and dep in self._pipelines:
             await self._pipelines[dep].on_message(peer, msg, ch)
+        elif isinstance(msg, Uploaded):
+            for p in list(self._pipelines.values()):
+                await p.on_message(peer, msg, ch)
 
     async def _on_lost(self, peer: str, reason: str) -> None:
         self._discovery.forget(peer)

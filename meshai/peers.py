@@ -13,11 +13,14 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from ssl import SSLContext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from meshai.errors import PeerError
+from meshai.errors import PeerError, SecurityError
 from meshai.protocol import Control, ControlReply, Hello, Message
 from meshai.transport import Channel, ChannelOptions, connect
+
+if TYPE_CHECKING:
+    from meshai.security import Trust
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +39,16 @@ class PeerPool:
         on_control: OnControl | None = None,
         on_lost: OnLost | None = None,
         *,
-        ssl: SSLContext | None = None,
+        trust: Trust | None = None,
         connect_timeout: float = 5.0,
         options: ChannelOptions | None = None,
     ) -> None:
+        self.trust = trust
         self._hello = hello
         self._on_message = on_message
         self._on_control = on_control
         self._on_lost = on_lost
-        self._ssl = ssl
+        self._ssl: SSLContext | None = trust.client_ctx if trust is not None else None
         self._timeout = connect_timeout
         self._options: ChannelOptions = options or {}
         self._channels: dict[str, Channel] = {}
@@ -105,6 +109,7 @@ class PeerPool:
             if ch.peer_id != peer_id:
                 await ch.close("unexpected identity")
                 raise PeerError(f"peer at {addr} says it is {ch.peer_id!r}, expected {peer_id!r}")
+            await self._check(ch, peer_id)
             self.adopt(ch)
             fut.set_result(ch)
             return ch
@@ -126,6 +131,7 @@ class PeerPool:
         ch = await connect(
             host.strip("[]"), port_no, self._hello(), ssl=self._ssl, timeout=self._timeout, **self._options
         )
+        await self._check(ch, ch.peer_id)
         self._addresses[ch.peer_id] = address
         existing = self._channels.get(ch.peer_id)
         if existing is not None and not existing.closed.is_set():
@@ -133,6 +139,16 @@ class PeerPool:
             return existing
         self.adopt(ch)
         return ch
+
+    async def _check(self, ch: Channel, expected: str) -> None:
+        """With a trust store: the node we dialled must prove it is ``expected`` (its certificate)."""
+        if self.trust is None:
+            return
+        try:
+            self.trust.verify(ch, expected, "node")
+        except SecurityError:
+            await ch.close("refused: not a mesh member")
+            raise
 
     def adopt(self, ch: Channel) -> asyncio.Task[None]:
         """Take a channel (connected or accepted): index it by peer id and start its reader."""
@@ -146,9 +162,26 @@ class PeerPool:
         if listen and peer not in self._addresses:
             self._addresses[peer] = listen
         task = asyncio.get_running_loop().create_task(self._read(ch), name=f"meshai-reader {peer}")
+        if self.trust is not None and self.trust.crl is not None:
+            theirs = ch.their_hello.capabilities.get("revocations", 0)
+            if isinstance(theirs, int) and theirs < self.trust.version:
+                self.offer_revocations(ch)
         self._readers.add(task)
         task.add_done_callback(self._readers.discard)
         return task
+
+    def offer_revocations(self, ch: Channel) -> None:
+        """Send our (newer) revocation list to a peer, without waiting for its answer."""
+        if self.trust is None or self.trust.crl is None:
+            return
+        msg = Control("revocations", {"crl": self.trust.crl.to_bytes()})
+        task = asyncio.get_running_loop().create_task(self._send_quietly(ch, msg), name="meshai-revocations")
+        self._readers.add(task)
+        task.add_done_callback(self._readers.discard)
+
+    async def _send_quietly(self, ch: Channel, msg: Message) -> None:
+        with contextlib.suppress(PeerError):
+            await ch.send(msg)
 
     async def serve(self, ch: Channel) -> None:
         """Server ``on_channel`` callback: adopt the accepted channel and read it until it ends."""

@@ -23,7 +23,7 @@ import numpy as np
 from meshai.errors import DeploymentError, InferenceError, PeerError
 from meshai.peers import PeerPool
 from meshai.plan import Plan
-from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy
+from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy, Upload, Uploaded
 from meshai.transport import Channel
 
 Tensors = dict[str, np.ndarray]
@@ -92,6 +92,7 @@ class Pipeline:
         self._partial: dict[int, Tensors] = {}
         self._started: dict[int, float] = {}
         self._deployed: dict[int, asyncio.Future[Deployed]] = {}
+        self._uploaded: dict[str, asyncio.Future[Uploaded]] = {}
         self._closed = False
         self.input_routes: dict[str, list[str]] = {}  # node -> graph inputs it reads
         for s in plan.stages:
@@ -103,11 +104,18 @@ class Pipeline:
     # ----- deployment
 
     def deploy_messages(
-        self, stage_models: Sequence[bytes], options: Mapping[str, Any] | None = None
+        self,
+        stage_models: Sequence[bytes] | None,
+        options: Mapping[str, Any] | None = None,
+        package: str = "",
     ) -> list[Deploy]:
-        """One Deploy message per stage (what ``deploy`` sends)."""
-        if len(stage_models) != len(self.plan.stages):
-            raise DeploymentError(f"{len(stage_models)} stage models for {len(self.plan.stages)} stages")
+        """One Deploy message per stage (what ``deploy`` sends): the stage's model bytes, or — with
+        ``package`` — a reference to a signed package the node holds plus the stage's cut tensors."""
+        if package:
+            stage_models = [b""] * len(self.plan.stages)
+        if stage_models is None or len(stage_models) != len(self.plan.stages):
+            n = 0 if stage_models is None else len(stage_models)
+            raise DeploymentError(f"{n} stage models for {len(self.plan.stages)} stages")
         node_of = {s.id: s.node for s in self.plan.stages}
         addresses = {n: self.pool.address_of(n) or "" for n in self.nodes}
         out = []
@@ -128,20 +136,48 @@ class Pipeline:
                     deployment=self.stage_deployment,
                     stage_id=s.id,
                     model=model,
-                    sha256=hashlib.sha256(model).hexdigest(),
+                    sha256=hashlib.sha256(model).hexdigest() if model else "",
                     inputs=tuple(s.inputs),
                     outputs=tuple(s.outputs),
                     routes=routes,
+                    package=package,
+                    cut_inputs=tuple(s.inputs) if package else (),
+                    cut_outputs=tuple(s.outputs) if package else (),
                     options=opts,
                 )
             )
         return out
 
+    async def upload(self, package: bytes, ref: str, timeout: float = 120.0) -> None:
+        """Hand the signed package ``ref`` (``name@version``) to every node of the plan; each verifies and
+        stores it.  DeploymentError names the node that refused it and why."""
+        loop = asyncio.get_running_loop()
+        nodes = list(dict.fromkeys(self.nodes))
+        self._uploaded = {n: loop.create_future() for n in nodes}
+        await asyncio.gather(*(self.pool.send(n, Upload(ref, package)) for n in nodes))
+        try:
+            async with asyncio.timeout(timeout):
+                acks = await asyncio.gather(*self._uploaded.values())
+        except TimeoutError:
+            missing = [n for n, f in self._uploaded.items() if not f.done()]
+            raise DeploymentError(
+                f"no answer to upload from {', '.join(missing)} within {timeout:g} s"
+            ) from None
+        for node, ack in zip(nodes, acks, strict=True):
+            if not ack.ok:
+                raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
+
     async def deploy(
-        self, stage_models: Sequence[bytes], options: Mapping[str, Any] | None = None, timeout: float = 120.0
+        self,
+        stage_models: Sequence[bytes] | None,
+        options: Mapping[str, Any] | None = None,
+        timeout: float = 120.0,
+        package: str = "",
     ) -> None:
-        """Send every stage to its node and wait until all are loaded; DeploymentError names a refusal."""
-        msgs = self.deploy_messages(stage_models, options)
+        """Send every stage to its node and wait until all are loaded; DeploymentError names a refusal.
+
+        With ``package`` (a ref already uploaded), each node cuts its own stage out of the package."""
+        msgs = self.deploy_messages(stage_models, options, package)
         loop = asyncio.get_running_loop()
         for m in msgs:
             self._deployed[m.stage_id] = loop.create_future()
@@ -274,6 +310,10 @@ class Pipeline:
                     msg.request_id,
                     InferenceError(f"request {msg.request_id} failed on {peer!r}: {msg.message}"),
                 )
+        elif isinstance(msg, Uploaded):
+            fut3 = self._uploaded.get(peer)
+            if fut3 is not None and not fut3.done():
+                fut3.set_result(msg)
         elif isinstance(msg, Deployed):
             fut2 = self._deployed.get(msg.stage_id)
             if fut2 is not None and not fut2.done():

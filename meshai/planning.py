@@ -15,7 +15,7 @@ import onnx
 
 from meshai.capabilities import NodeCapability, load_profiles, parse_profile_list, resolve_profiles, swarm
 from meshai.errors import ConfigError
-from meshai.models import load_model, model_name
+from meshai.models import load_model, model_name, resolve_model
 from meshai.plan import Constraints, Plan
 from scheduler.extract import extract_plan, stage_types
 from scheduler.graph import GraphIR, build_graph, normalize_model
@@ -29,13 +29,19 @@ class LoadedModel:
     name: str
     model: onnx.ModelProto
     graph: GraphIR
+    source_sha256: str = ""  # of the model file as given (what a package's manifest lists)
 
 
 def load_for_planning(spec: str | os.PathLike[str], batch: int = 1) -> LoadedModel:
     """Load, normalize and analyse a model by name or path."""
+    import hashlib
+
     name = model_name(spec)
-    model = normalize_model(load_model(spec))
-    return LoadedModel(name, model, build_graph(model, name, batch=batch))
+    path = resolve_model(spec)
+    raw = load_model(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    model = normalize_model(raw)
+    return LoadedModel(name, model, build_graph(model, name, batch=batch), digest)
 
 
 def swarm_from_flags(profiles: str, profiles_file: str | None = None) -> list[NodeCapability]:

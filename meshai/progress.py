@@ -12,7 +12,9 @@ from typing import TextIO
 class Progress:
     """``with Progress("planning", total=300) as bar: bar.advance()``; silent when not wanted."""
 
-    def __init__(self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+    def __init__(
+        self, label: str, total: int, stream: TextIO | None = None, enabled: bool | None = None
+    ) -> None:
         self.label = label
         self.total = max(0, total)
         self.done = 0

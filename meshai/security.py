@@ -1028,6 +1028,10 @@ class _TlsChannel(Protocol):
     def peername(self) -> str: ...
 
 
+#: Separates a client identity's name from a per-process session suffix in its Hello.
+SESSION_SEP = "~"
+
+
 class Trust:
     """What a node or caller needs to be a mesh member: its identity, TLS contexts, the revocation list,
     and who proved to be whom on each channel.  Transport-agnostic: it checks channels it is handed."""
@@ -1054,8 +1058,14 @@ class Trust:
         return self.crl.version if self.crl is not None else 0
 
     def verify(self, channel: _TlsChannel, claimed_id: str, role: str | None) -> PeerIdentity:
-        """Check a channel's peer after the handshake; remember it; SecurityError if it is not a member."""
-        peer = check_peer(channel.ssl_object, claimed_id, role, self.crl, peer=channel.peername)
+        """Check a channel's peer after the handshake; remember it; SecurityError if it is not a member.
+
+        A client may speak as ``NAME~SESSION`` (its certificate names NAME), so that several processes
+        using one client identity at once stay apart; nodes always speak as exactly their name."""
+        name = claimed_id
+        if role == "client" and SESSION_SEP in claimed_id:
+            name = claimed_id.split(SESSION_SEP, 1)[0]
+        peer = check_peer(channel.ssl_object, name, role, self.crl, peer=channel.peername)
         self.members[claimed_id] = peer
         return peer
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -49,6 +50,8 @@ class SimOptions:
     batch: int = 1
     profiles_file: str | None = None
     discovery_timeout: float = 30.0
+    insecure: bool = False  # plain TCP, raw stage models: debugging only
+    ca: str | None = None  # an existing mesh CA to issue the sim's identities from (default: a throwaway one)
 
 
 def _profile_names(opts: SimOptions) -> list[str]:
@@ -70,7 +73,9 @@ class NodeProcesses:
         pace: bool,
         profiles_file: str | None = None,
         extra: Sequence[str] = (),
+        identities: Path | None = None,
     ) -> None:
+        self.identities = identities  # a directory holding one identity directory per node name
         self.names = list(names)
         self.profiles = list(profiles)
         self.mesh = mesh
@@ -103,6 +108,10 @@ class NodeProcesses:
             cmd.append("--pace")
         if self.profiles_file:
             cmd += ["--profiles-file", self.profiles_file]
+        if self.identities is not None:
+            cmd += ["--identity", str(self.identities / name)]
+        else:
+            cmd.append("--insecure")
         return cmd + self.extra
 
     def __enter__(self) -> NodeProcesses:
@@ -183,10 +192,7 @@ def _requests(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]]:
 
 async def run_sim(opts: SimOptions) -> dict[str, Any]:
     """Run one simulation and return the report (the JSON ``meshai sim --json`` prints)."""
-    from meshai.mesh import Mesh
     from meshai.planning import load_for_planning
-    from meshai.tensors import max_abs_diff, save_npz, stack_requests
-    from nodes.executor import StageSession
 
     if opts.nodes < 1:
         raise ConfigError(f"--nodes must be >= 1, got {opts.nodes}")
@@ -198,8 +204,88 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
     requests = _requests(opts, loaded)
     names = [f"n{i}" for i in range(opts.nodes)]
     mesh_id = secrets.token_hex(4)
-    with NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file) as procs:
-        async with Mesh(mesh=mesh_id, name="sim") as mesh:
+    work = Path(tempfile.mkdtemp(prefix="meshai-sim-secrets-"))
+    try:
+        return await _run_sim(opts, loaded, requests, profiles, names, mesh_id, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+class MeshSecrets:
+    """A throwaway mesh for simulations, benchmarks and tests: a CA (or an existing one), node and
+    client identities, a fleet signing key, and signed packages encrypted for the nodes."""
+
+    def __init__(self, work: Path, ca: str | None = None) -> None:
+        from meshai.packages import keygen
+        from meshai.security import ca_init
+
+        self.work = work
+        self.ca = Path(ca) if ca else work / "ca"
+        self._own_ca = not ca
+        if self._own_ca:
+            ca_init(self.ca)
+        self.identities = work / "identities"
+        self.identities.mkdir(exist_ok=True)
+        self.recipients: dict[str, bytes] = {}
+        self.key, self.pub = keygen(work / "fleet")
+        self.client = self.issue(f"client-{secrets.token_hex(3)}", role="client")
+
+    def issue(self, name: str, role: str = "node") -> Path:
+        """An identity directory for ``name`` (re-issued if this CA issued it before)."""
+        from meshai.security import ca_issue
+
+        out = self.identities / name
+        if out.exists():
+            shutil.rmtree(out)
+        ident = ca_issue(name, self.ca, out, role=role, replace=True)
+        if role == "node":
+            self.recipients[name] = ident.x25519_public
+        return out
+
+    def package(self, model_path: Path, model_name: str, version: str = "1") -> tuple[bytes, str]:
+        """The model as a package signed with the fleet key, encrypted for every node issued so far."""
+        from meshai.packages import build_package, sign_package
+
+        name = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)[:60] or "model"
+        out = self.work / f"{name}-{version}.pkg"
+        build_package([model_path], name, version, out, encrypt_for=dict(self.recipients))
+        sign_package(out, self.key)
+        return out.read_bytes(), f"{name}@{version}"
+
+    def node_args(self) -> list[str]:
+        """Extra ``meshai node`` arguments every node of this mesh takes."""
+        return ["--trusted-key", str(self.pub)]
+
+
+async def _run_sim(
+    opts: SimOptions,
+    loaded: Any,
+    requests: list[dict[str, np.ndarray]],
+    profiles: list[str],
+    names: list[str],
+    mesh_id: str,
+    work: Path,
+) -> dict[str, Any]:
+    from meshai.mesh import Mesh
+    from meshai.models import resolve_model
+    from meshai.tensors import max_abs_diff, save_npz, stack_requests
+    from nodes.executor import StageSession
+
+    identities: Path | None = None
+    client: Path | None = None
+    package: tuple[bytes, str] | None = None
+    extra: list[str] = []
+    if not opts.insecure:
+        sec = MeshSecrets(work, opts.ca)
+        for n in names:
+            sec.issue(n)
+        identities, client = sec.identities, sec.client
+        package = sec.package(resolve_model(opts.model), loaded.name)
+        extra = sec.node_args()
+    with NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities) as procs:
+        async with Mesh(
+            mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
+        ) as mesh:
             try:
                 await mesh.wait_for_peers(opts.nodes, timeout=opts.discovery_timeout)
             except PeerError:
@@ -210,7 +296,7 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
                 loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names
             )
             results: list[dict[str, np.ndarray] | BaseException] = []
-            async with mesh.deploy(plan, loaded, window=opts.window) as pipe:
+            async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
                 sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
                 with Progress("requests", len(requests)) as bar:
                     async for out in pipe.stream(requests):
@@ -247,6 +333,12 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
         "bytes_sent": bytes_sent + node_bytes,
         "bytes_sent_caller": bytes_sent,
         "nodes": [{"name": n, "profile": p} for n, p in zip(names, profiles, strict=True)],
+        "security": {
+            "mutual_tls": not opts.insecure,
+            "package": package[1] if package else None,
+            "package_signed": package is not None,
+            "package_encrypted": package is not None,
+        },
         "model": loaded.name,
     }
     if first_error:

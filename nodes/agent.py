@@ -30,7 +30,7 @@ import numpy as np
 
 from meshai.capabilities import NodeCapability
 from meshai.discovery import Advert, Discovery, make_discovery
-from meshai.errors import DeploymentError, MeshaiError, ModelError, PeerError
+from meshai.errors import DeploymentError, MeshaiError, PeerError, SecurityError
 from meshai.peers import PeerPool
 from meshai.pipeline import Pipeline
 from meshai.plan import Plan
@@ -46,11 +46,15 @@ from meshai.protocol import (
     Message,
     Result,
     Undeploy,
+    Upload,
+    Uploaded,
 )
 from meshai.transport import Channel, Server
 
 if TYPE_CHECKING:
+    from meshai.security import Trust
     from nodes.executor import StageSession
+    from nodes.store import ModelStore
 
 # onnx, onnxruntime and the scheduler are imported on the first deploy, so that a node starts
 # (and shows up in discovery) in a fraction of a second.
@@ -76,6 +80,9 @@ class NodeConfig:
     pace: bool = False
     threads: int = 1
     providers: tuple[str, ...] | None = None
+    identity: str | None = None  # identity directory (mesh CA member); None: plain TCP, no membership
+    trusted_key: str | None = None  # fleet package-signing public key: only signed packages load
+    store: str | None = None  # where verified packages are kept (still encrypted); default: a temp dir
 
 
 @dataclass
@@ -109,7 +116,9 @@ class _NodePool(PeerPool):
     """
 
     def __init__(self, agent: NodeAgent) -> None:
-        super().__init__(agent._hello, agent._on_message, agent._on_control, agent._on_lost)
+        super().__init__(
+            agent._hello, agent._on_message, agent._on_control, agent._on_lost, trust=agent.trust
+        )
         self._agent = agent
 
     async def send(self, peer_id: str, msg: Message) -> None:
@@ -132,6 +141,22 @@ class NodeAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
         self._discovery: Discovery | None = None
+        self.trust: Trust | None = None
+        if config.identity:
+            from meshai.security import Trust
+
+            self.trust = Trust.from_dir(config.identity)
+            if self.trust.identity.name != config.name:
+                raise SecurityError(
+                    f"identity in {config.identity!r} is for {self.trust.identity.name!r}, not node {config.name!r}"
+                )
+            if self.trust.identity.role != "node":
+                raise SecurityError(
+                    f"identity in {config.identity!r} is a {self.trust.identity.role} identity"
+                )
+        self._store: ModelStore | None = None
+        self._store_tmp: str | None = None
+        self._package_graphs: dict[str, tuple[Any, Any]] = {}  # ref -> (normalized model, GraphIR)
         self.pool: PeerPool = _NodePool(self)
         self._stop = asyncio.Event()
         self.started_at = time.time()
@@ -148,10 +173,24 @@ class NodeAgent:
 
     def _hello(self) -> Hello:
         listen = self.address if self._server is not None else ""
-        return Hello(self.name, PROTOCOL_VERSION, "node", self.config.capability.to_dict(), listen)
+        caps = self.config.capability.to_dict()
+        if self.trust is not None:
+            caps["revocations"] = self.trust.version
+        return Hello(self.name, PROTOCOL_VERSION, "node", caps, listen)
+
+    def _verify_incoming(self, ch: Channel, hello: Hello) -> None:
+        if self.trust is not None:
+            self.trust.verify(ch, hello.node_id, hello.role)
 
     async def __aenter__(self) -> NodeAgent:
-        self._server = Server(self.config.host, self.config.port, self._hello, self.pool.serve)
+        self._server = Server(
+            self.config.host,
+            self.config.port,
+            self._hello,
+            self.pool.serve,
+            ssl=self.trust.server_ctx if self.trust is not None else None,
+            verify=self._verify_incoming,
+        )
         await self._server.__aenter__()
         try:
             if self.config.discovery != "none":
@@ -166,6 +205,7 @@ class NodeAgent:
                         self._server.port,
                         PROTOCOL_VERSION,
                         self.config.capability.summary(),
+                        self.trust.identity.fingerprint if self.trust is not None else "",
                     )
                 )
         except BaseException:
@@ -203,6 +243,10 @@ class NodeAgent:
         await self.pool.close()
         if self._server is not None:
             await self._server.close()
+        if self._store_tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._store_tmp, ignore_errors=True)
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -233,6 +277,8 @@ class NodeAgent:
                 self._release(st)
         elif isinstance(msg, Infer):
             await self._on_infer(peer, msg, ch)
+        elif isinstance(msg, Upload):
+            await self._reply(ch, await self._upload(msg))
         elif isinstance(msg, Result | Error | Deployed):
             pipe = self._entry_by_stage.get(msg.deployment)
             if pipe is not None:
@@ -248,14 +294,73 @@ class NodeAgent:
 
     # ----- stages
 
-    def _check_profile(self, msg: Deploy, model_bytes: bytes) -> tuple[Any, str]:
-        """Parse the stage and check it against this node's profile; returns (model, precision)."""
+    def _require_store(self) -> ModelStore:
+        if self._store is not None:
+            return self._store
+        if not self.config.trusted_key:
+            raise SecurityError(
+                f"node {self.name!r} has no trusted package key (start it with --trusted-key)"
+            )
+        import tempfile
+        from pathlib import Path
+
+        from nodes.store import ModelStore
+
+        root = self.config.store
+        if not root:
+            root = self._store_tmp = tempfile.mkdtemp(prefix=f"meshai-store-{self.name}-")
+        recipient = None
+        if self.trust is not None:
+            recipient = (self.trust.identity.name, self.trust.identity.x25519_private)
+        try:
+            key = Path(self.config.trusted_key).read_bytes()
+        except OSError as exc:
+            raise SecurityError(
+                f"cannot read trusted package key {self.config.trusted_key!r}: {exc.strerror}"
+            ) from None
+        self._store = ModelStore(Path(root), key, recipient)
+        return self._store
+
+    def _stage_model(self, msg: Deploy) -> Any:
+        """The stage's ONNX model: the bytes sent (hash-checked), or cut from a verified package."""
         from meshai.models import model_from_bytes
+
+        what = f"stage {msg.stage_id} of {msg.deployment}"
+        if msg.model:
+            if self.config.trusted_key:
+                raise SecurityError(
+                    f"node {self.name!r} loads only signed packages; {what} came as raw model bytes"
+                )
+            digest = hashlib.sha256(msg.model).hexdigest()
+            if digest != msg.sha256:
+                raise DeploymentError(
+                    f"model hash mismatch: got {digest[:12]}…, announced {msg.sha256[:12]}…"
+                )
+            return model_from_bytes(msg.model, what)
+        from meshai.packages import parse_package_ref
+        from scheduler.extract import extract_cut
+        from scheduler.graph import build_graph, normalize_model
+
+        store = self._require_store()
+        name, version = parse_package_ref(msg.package)
+        store.check_activate(name, version)  # a downgrade is refused before any work
+        cached = self._package_graphs.get(msg.package)
+        if cached is None:
+            opened = store.open(name, version)  # verified, decrypted into memory only
+            whole = normalize_model(model_from_bytes(opened.model(), f"package {msg.package}"))
+            cached = (whole, build_graph(whole, name))
+            self._package_graphs = {msg.package: cached}  # keep one whole model in memory at most
+        whole, graph = cached
+        ins = msg.cut_inputs or msg.inputs
+        outs = msg.cut_outputs or msg.outputs
+        return extract_cut(whole, graph, ins, outs, f"stage{msg.stage_id}_{self.name}")
+
+    def _check_profile(self, msg: Deploy, model: Any) -> str:
+        """Check a stage against this node's profile (ops, precision, memory); returns the precision."""
         from scheduler.cost import PRECISION_SCALE
         from scheduler.graph import build_graph, normalize_model
 
         prof = self.config.capability.profile
-        model = model_from_bytes(model_bytes, f"stage {msg.stage_id} of {msg.deployment}")
         precision = str(msg.options.get("precision", "fp32"))
         if precision not in prof.flops:
             raise DeploymentError(
@@ -274,25 +379,26 @@ class NodeAgent:
             raise DeploymentError(
                 f"stage {msg.stage_id} needs {need} bytes, node {self.name!r} ({prof.kind}) has {prof.memory_bytes}"
             )
-        return model, precision
+        return precision
+
+    def _prepare(self, msg: Deploy) -> Any:
+        model = self._stage_model(msg)
+        self._check_profile(msg, model)
+        return model
+
+    async def _upload(self, msg: Upload) -> Uploaded:
+        try:
+            store = self._require_store()
+            await asyncio.to_thread(store.add, msg.data, expect=msg.package)
+        except MeshaiError as exc:
+            return Uploaded(msg.package, False, str(exc))
+        return Uploaded(msg.package, True, "")
 
     async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
-        if not msg.model:
-            return Deployed(
-                msg.deployment, msg.stage_id, False, "deploying from packages is not supported yet"
-            )
-        digest = hashlib.sha256(msg.model).hexdigest()
-        if digest != msg.sha256:
-            return Deployed(
-                msg.deployment,
-                msg.stage_id,
-                False,
-                f"model hash mismatch: got {digest[:12]}…, announced {msg.sha256[:12]}…",
-            )
         from nodes.executor import StageSession
 
         try:
-            model, _precision = await asyncio.to_thread(self._check_profile, msg, msg.model)
+            model = await asyncio.to_thread(self._prepare, msg)
             session = await asyncio.to_thread(
                 StageSession,
                 model,
@@ -300,9 +406,11 @@ class NodeAgent:
                 self.config.threads,
                 f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
             )
-        except (DeploymentError, ModelError) as exc:
-            return Deployed(msg.deployment, msg.stage_id, False, str(exc))
-        except MeshaiError as exc:
+            if msg.package and self._store is not None:
+                from meshai.packages import parse_package_ref
+
+                await asyncio.to_thread(self._store.activate, *parse_package_ref(msg.package))
+        except MeshaiError as exc:  # the stage that was serving keeps serving, untouched
             return Deployed(msg.deployment, msg.stage_id, False, str(exc))
         addresses = msg.options.get("addresses", {})
         if isinstance(addresses, Mapping):
@@ -485,6 +593,8 @@ class NodeAgent:
             self._entries[name] = pipe
             self._entry_by_stage[pipe.stage_deployment] = pipe
             return ControlReply(op, True, {"name": name, "entry": self.name})
+        if op == "revocations":
+            return await self._revocations(peer, body)
         if op == "adopt_stages":
             # the stages were deployed by a client on this entry's behalf: results must come here
             dep = str(body.get("stage_deployment", ""))
@@ -501,6 +611,35 @@ class NodeAgent:
             await gone.close()
             return ControlReply(op, True, {"name": name})
         return ControlReply(op, False, {"error": f"unknown control op {op!r}"})
+
+    async def _revocations(self, peer: str, body: Mapping[str, Any]) -> ControlReply:
+        """A peer offers its revocation list: adopt it if it verifies and is newer, cut off whoever it
+        revokes, and pass it on to every other peer (flooding stops where a list is not newer)."""
+        if self.trust is None:
+            return ControlReply(
+                "revocations", False, {"error": f"node {self.name!r} runs without an identity"}
+            )
+        data = body.get("crl")
+        if not isinstance(data, bytes):
+            return ControlReply("revocations", False, {"error": "revocations needs 'crl' bytes"})
+        changed = self.trust.adopt(data)  # SecurityError (bad signature) becomes an error reply
+        if changed:
+            revoked = set(self.trust.revoked_members())
+            for name in revoked:
+                self.trust.members.pop(name, None)
+                await self.pool.drop(name, "certificate revoked")
+            if self._server is not None:
+                for ch in self._server.channels:
+                    with contextlib.suppress(PeerError):
+                        if ch.peer_id in revoked:
+                            await ch.close("certificate revoked")
+            for pid, ch in self.pool.live().items():
+                if pid != peer:
+                    self.pool.offer_revocations(ch)
+            log.info(
+                "node %s: revocation list v%d; cut off %s", self.name, self.trust.version, sorted(revoked)
+            )
+        return ControlReply("revocations", True, {"version": self.trust.version, "changed": changed})
 
     def status(self) -> dict[str, Any]:
         """What this node is and runs (the ``status`` control and ``meshai peers``)."""

@@ -301,7 +301,9 @@ def build_graph(model: onnx.ModelProto, name: str = "model", batch: int = 1) -> 
     for n in compute_nodes:
         for i in node_inputs(n):
             if i not in known:
-                raise ModelError(f"op {n.name!r} ({n.op_type}) reads {i!r}, which no node makes and is not an input")
+                raise ModelError(
+                    f"op {n.name!r} ({n.op_type}) reads {i!r}, which no node makes and is not an input"
+                )
     ops: list[OpInfo] = []
     producer: dict[str, int] = {}
     consumers: dict[str, list[int]] = {}

@@ -511,7 +511,9 @@ def _explain_infeasible(ctx: CostContext, usable: Sequence[int], last_reason: st
             return f"op {op.name!r} ({op.op_type}) needs {need} bytes of memory; no node has enough ({caps})"
     what = f"exactly {k} stages" if k is not None else "stages"
     tail = f"; the best attempt failed because {last_reason}" if last_reason else ""
-    return f"the model cannot be split into {what} on these nodes within their memory, op support and pins{tail}"
+    return (
+        f"the model cannot be split into {what} on these nodes within their memory, op support and pins{tail}"
+    )
 
 
 def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constraints | None = None) -> Plan:

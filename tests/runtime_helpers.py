@@ -31,6 +31,28 @@ T = TypeVar("T")
 MESHAI = [sys.executable, "-m", "meshai"]
 
 
+_SECRETS: Any = None
+
+
+def test_secrets() -> Any:
+    """This test process's throwaway mesh (CA, identities, fleet key), made on first use."""
+    global _SECRETS
+    if _SECRETS is None:
+        import atexit
+        import shutil
+        import tempfile
+
+        from meshai.sim import MeshSecrets
+
+        work = Path(tempfile.mkdtemp(prefix="meshai-test-pki-"))
+        atexit.register(shutil.rmtree, work, True)
+        _SECRETS = MeshSecrets(work)
+    return _SECRETS
+
+
+test_secrets.__test__ = False  # type: ignore[attr-defined]  # not a test, despite its name
+
+
 def unique_mesh() -> str:
     """A fresh mesh id (1-10 of [a-z0-9]): a private mDNS service type for one swarm."""
     return "t" + secrets.token_hex(4)
@@ -235,6 +257,8 @@ class Nodes:
             "--json",
             *args,
         ]
+        if "--insecure" not in args and "--identity" not in args:
+            cmd += ["--identity", str(test_secrets().issue(name))]
         with open(log, "wb") as f:
             p = subprocess.Popen(
                 cmd,

@@ -16,14 +16,26 @@ def meshai(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]
 
 
 def test_plan_json_matches_the_interface():
-    r = meshai("plan", "squeezenet", "--profiles", "cpu,gpu,npu", "--objective", "throughput", "--stages", "3", "--json")
+    r = meshai(
+        "plan",
+        "squeezenet",
+        "--profiles",
+        "cpu,gpu,npu",
+        "--objective",
+        "throughput",
+        "--stages",
+        "3",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert d["objective"] == "throughput"
     assert [s["id"] for s in d["stages"]] == [0, 1, 2]
     assert sorted(s["node"] for s in d["stages"]) == ["n0", "n1", "n2"]
     for s in d["stages"]:
-        assert {"id", "node", "accelerator", "precision", "ops", "inputs", "outputs", "predicted_ms"} <= set(s)
+        assert {"id", "node", "accelerator", "precision", "ops", "inputs", "outputs", "predicted_ms"} <= set(
+            s
+        )
     assert set(d["predicted"]) == {"latency_ms", "bottleneck_ms", "transfer_bytes", "energy_mj"}
 
 

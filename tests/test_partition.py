@@ -46,7 +46,16 @@ def test_plan_json_round_trip(squeezenet):
     d = p.to_dict()
     assert set(d) >= {"objective", "stages", "predicted"}
     for s in d["stages"]:
-        assert set(s) >= {"id", "node", "accelerator", "precision", "ops", "inputs", "outputs", "predicted_ms"}
+        assert set(s) >= {
+            "id",
+            "node",
+            "accelerator",
+            "precision",
+            "ops",
+            "inputs",
+            "outputs",
+            "predicted_ms",
+        }
     assert set(d["predicted"]) == {"latency_ms", "bottleneck_ms", "transfer_bytes", "energy_mj"}
 
 

@@ -26,7 +26,11 @@ def test_random_cases_are_varied():
 def test_brute_force_on_one_node_is_that_nodes_score():
     from scheduler.cost import build_context, evaluate
 
-    c = next(random_case(s) for s in range(100) if len(random_case(s).nodes) == 1 and not random_case(s).constraints.stages)
+    c = next(
+        random_case(s)
+        for s in range(100)
+        if len(random_case(s).nodes) == 1 and not random_case(s).constraints.stages
+    )
     ctx = build_context(c.graph, c.nodes, c.constraints)
     ev = evaluate(ctx, [0] * len(c.graph.ops))
     assert brute_force(c) == (ev.score(c.constraints.objective) if ev.feasible else math.inf)
@@ -37,10 +41,14 @@ def test_planner_within_2pct_of_optimum_on_every_case(capsys):
     for seed in range(CASES):
         r = compare(random_case(seed))
         assert r.ratio >= 1 - 1e-6, f"seed {seed}: the planner beat the brute-force optimum"
-        assert r.ratio <= 1.02, f"seed {seed}: planner {r.planned_s * 1e3:.3f} ms vs optimum {r.optimum_s * 1e3:.3f} ms"
+        assert r.ratio <= 1.02, (
+            f"seed {seed}: planner {r.planned_s * 1e3:.3f} ms vs optimum {r.optimum_s * 1e3:.3f} ms"
+        )
         ratios.append(r.ratio)
     with capsys.disabled():
-        print(f"\nplanner vs brute force over {CASES} DAGs: worst {max(ratios):.6f}, mean {statistics.fmean(ratios):.8f}")
+        print(
+            f"\nplanner vs brute force over {CASES} DAGs: worst {max(ratios):.6f}, mean {statistics.fmean(ratios):.8f}"
+        )
     assert max(ratios) <= 1.02
 
 

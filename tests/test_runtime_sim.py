@@ -36,6 +36,7 @@ from runtime_helpers import (
     assert_one_line_error,
     assert_outputs_equal,
     live_node_pids,
+    test_secrets,
     unique_mesh,
 )
 
@@ -232,7 +233,11 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Swarm]:
     mesh_id = unique_mesh()
     names = ["n0", "n1", "n2"]
     lt = LoopThread()
-    procs = NodeProcesses(names, ["cpu", "gpu", "cpu"], mesh_id, pace=False)
+    for n in names:
+        test_secrets().issue(n)
+    procs = NodeProcesses(
+        names, ["cpu", "gpu", "cpu"], mesh_id, pace=False, identities=test_secrets().identities
+    )
     mesh = Mesh(mesh=mesh_id, name="matrix")
     entered = False
     try:

@@ -53,5 +53,7 @@ __all__ = [
     "State",
     "Tensor",
     "Undeploy",
+    "Upload",
+    "Uploaded",
     "encode",
 ]
