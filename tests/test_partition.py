@@ -120,7 +120,7 @@ def test_memory_limit_forces_a_split_and_is_respected():
     for s in p.stages:
         assert s.memory_bytes <= small.memory_bytes
     tiny = replace(small, memory_bytes=64 * 1024**2)
-    with pytest.raises(PlanError, match="needs .* bytes of memory; no node has enough"):
+    with pytest.raises(PlanError, match=r"needs .* bytes of memory; no node has enough"):
         plan(loaded.graph, [NodeCapability(name="n0", profile=tiny)])
 
 
