@@ -371,7 +371,12 @@ def sim_table(report: dict[str, Any]) -> str:
         ["discovery", f"{report['discovery_s']:.2f} s"],
         ["bytes sent", human_bytes(report["bytes_sent"])],
     ]
-    return format_table(["", ""], rows)
+    sec = report.get("security", {})
+    if sec.get("mutual_tls"):
+        rows.append(["security", f"mutual TLS 1.3; model as signed, encrypted package {sec.get('package')}"])
+    else:
+        rows.append(["security", "INSECURE: plain TCP, unsigned stage models"])
+    return format_table(["meshai sim", "result"], rows)
 
 
 def run_sim_blocking(opts: SimOptions) -> dict[str, Any]:
