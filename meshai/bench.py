@@ -145,8 +145,9 @@ def bench_transport(
         certdir = Path(tmp) if tls else None
         client_ctx = None
         if certdir is not None:
-            _make_cert(certdir)
-            client_ctx = _tls_contexts(certdir)[1]
+            from meshai.security import self_signed_tls
+
+            client_ctx = self_signed_tls(certdir, _HOST)[1]
         with (
             _Receiver(certdir) as ports,
             asyncio.Runner() as runner,
@@ -379,9 +380,10 @@ def _transport_receiver_main(argv: Sequence[str]) -> None:
 
 async def _transport_receiver(certdir: Path | None) -> None:
     from meshai.protocol import Control, ControlReply, Infer
+    from meshai.security import self_signed_tls
     from meshai.transport import Channel, Server
 
-    server_ctx = _tls_contexts(certdir)[0] if certdir is not None else None
+    server_ctx = self_signed_tls(certdir)[0] if certdir is not None else None
     loop = asyncio.get_running_loop()
 
     async def on_channel(ch: Channel) -> None:
@@ -465,58 +467,6 @@ class _Sink(asyncio.BufferedProtocol):
             self.transport.write(_RUN_HEAD.pack(self.count, self.total))
             self.target = self.head
         self.filled = 0
-
-
-def _tls_contexts(certdir: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server, client) contexts for the certificate in ``certdir``: server-authenticated TLS."""
-    cert, key = certdir / "cert.pem", certdir / "key.pem"
-    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    server.load_cert_chain(cert, key)
-    client = ssl.create_default_context(cafile=str(cert))
-    return server, client
-
-
-def _make_cert(certdir: Path) -> None:
-    """A throwaway self-signed certificate for localhost/127.0.0.1 (cert.pem, key.pem in ``certdir``)."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(_HOST))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(ski, critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    (certdir / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file = certdir / "key.pem"
-    key_file.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    key_file.chmod(0o600)
 
 
 # ---------------------------------------------------------------------------------------- pipeline

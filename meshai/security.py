@@ -1088,3 +1088,48 @@ class Trust:
     def revoked_members(self) -> list[str]:
         """Peers we talk to whose certificates the current list revokes."""
         return sorted(n for n, p in self.members.items() if p.is_revoked(self.crl))
+
+
+def self_signed_tls(
+    certdir: str | os.PathLike[str], host: str = "127.0.0.1"
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) contexts for server-authenticated TLS with a throwaway self-signed certificate
+    for localhost/``host`` in ``certdir`` (``cert.pem``, ``key.pem``; made if absent).
+
+    For benchmarks and transport tests that measure TLS itself; the mesh uses ``Trust`` instead."""
+    import ipaddress
+
+    d = Path(certdir)
+    cert_file, key_file = d / "cert.pem", d / "key.pem"
+    if not cert_file.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+        now = dt.datetime.now(dt.UTC)
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address(host))]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(ski, critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False
+            )
+            .sign(key, hashes.SHA256())
+        )
+        _write(key_file, _private_pem(key), 0o600)
+        _write(cert_file, cert.public_bytes(serialization.Encoding.PEM))
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cafile=str(cert_file))
+    return server, client
