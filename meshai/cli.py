@@ -316,6 +316,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         identity=identity,
         trusted_key=args.trusted_key,
         store=args.store,
+        metrics_port=args.metrics_port,
     )
 
     async def serve() -> None:
@@ -330,6 +331,7 @@ def cmd_node(args: argparse.Namespace) -> int:
                 "pid": os.getpid(),
                 "profile": profile.kind,
                 "emulated": cap.emulated,
+                "metrics": agent.metrics_address,
             }
             sys.stdout.write(
                 json.dumps(ready) + "\n"
@@ -591,6 +593,8 @@ def cmd_sim(args: argparse.Namespace) -> int:
         profiles_file=args.profiles_file,
         insecure=args.insecure,
         ca=args.ca,
+        prom_file=args.prom_file,
+        report=args.report,
     )
     _warn_insecure(args)
     rep = run_sim_blocking(opts)
@@ -705,6 +709,8 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     _add_identity_flags(nd)
     nd.add_argument("--trusted-key", metavar="K.pub", help="fleet package key: load only packages it signed")
     nd.add_argument("--store", metavar="DIR", help="where verified packages are kept (default: a temp dir)")
+    nd.add_argument("--metrics-port", type=int, metavar="PORT",
+                    help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)")
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -768,12 +774,17 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--window", type=_positive_int, default=8, help="requests in flight")
     si.add_argument("--batch", type=_positive_int, default=1)
     si.add_argument("--insecure", action="store_true", help="no TLS, unsigned stage models (debugging only)")
+    si.add_argument("--prom-file", metavar="F", help="write the swarm's final Prometheus exposition text to F")
+    si.add_argument("--report", metavar="DIR", help="write a PNG of the run (latencies, timeline) into DIR")
     si.add_argument(
         "--ca", metavar="DIR", help="issue the sim's identities from this mesh CA (default: a throwaway one)"
     )
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 
+    from meshai.telemetry_cli import add_telemetry_parser
+
+    add_telemetry_parser(sub)
     if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
         from meshai.package_cli import add_package_parsers
         from meshai.security_cli import add_ca_parser

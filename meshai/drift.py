@@ -254,7 +254,9 @@ class FeatureReference:
         except KeyError:
             raise ConfigError(f"reference feature {dict(d).get('name')!r} lacks key {key!r}") from None
         except TypeError:
-            raise ConfigError(f"reference feature {dict(d).get('name')!r}: key {key!r} is malformed") from None
+            raise ConfigError(
+                f"reference feature {dict(d).get('name')!r}: key {key!r} is malformed"
+            ) from None
         return cls(spec=spec, edges=edges, counts=counts, offsets=offsets, mean=mean, std=std)
 
 
@@ -317,8 +319,8 @@ class _Binner:
         nf, nb = len(self.features), self.nbins_max
         flat = (idx + np.arange(nf, dtype=np.int64) * nb).ravel()
         counts = np.bincount(flat, minlength=nf * nb).astype(np.int64).reshape(nf, nb)
-        offsets = np.bincount(flat, weights=dist.ravel(), minlength=nf * nb).reshape(nf, nb)
-        return counts, offsets
+        offsets = np.bincount(flat, weights=dist.ravel(), minlength=nf * nb).astype(np.float64)
+        return counts, offsets.reshape(nf, nb)
 
     def statistics(self, counts: IntArray, offsets: FloatArray) -> tuple[FloatArray, FloatArray, FloatArray]:
         """(psi, ks, wasserstein), each of shape (features,), of a non-empty live histogram."""
@@ -334,8 +336,15 @@ class _Binner:
         # terms; the open ends give ∫_{-inf}^{e_0} F = off_0 / n and ∫_{e_last}^{inf} (1 - F) = off_last / n.
         left_gap = np.zeros_like(cdf_gap)
         left_gap[:, 1:] = cdf_gap[:, :-1]
-        per_bin = self.sign * (self.ref_tail - offsets / n_live) + left_gap * self.width
-        w_cont = np.abs(per_bin).sum(axis=1)
+        per_bin = np.abs(self.sign * (self.ref_tail - offsets / n_live) + left_gap * self.width)
+        # An interior bin whose gap changes sign between its edges holds a crossing, which |∫| would
+        # cancel: there take the larger of |∫| and ∫|F - G| for CDFs linear inside the bin.
+        crossing = (left_gap * cdf_gap < 0) & (self.width > 0)
+        if crossing.any():
+            a, b = np.abs(left_gap), np.abs(cdf_gap)
+            linear = self.width * (a * a + b * b) / (2.0 * np.where(crossing, a + b, 1.0))
+            per_bin = np.where(crossing, np.maximum(per_bin, linear), per_bin)
+        w_cont = per_bin.sum(axis=1)
         ks = np.where(self.categorical, absdiff.max(axis=1), ks_cont)
         w = np.where(self.categorical, 0.5 * absdiff.sum(axis=1), w_cont)
         return psi, ks, w
@@ -359,9 +368,7 @@ class _Binner:
 # Reference
 
 
-def _as_matrix(
-    samples: Any, names: Sequence[str] | None, what: str
-) -> tuple[tuple[str, ...], FloatArray]:
+def _as_matrix(samples: Any, names: Sequence[str] | None, what: str) -> tuple[tuple[str, ...], FloatArray]:
     """(names, float64 matrix (n, features)) from an (n, features) array or a name → column mapping."""
     if isinstance(samples, Mapping):
         if names is not None:
@@ -378,7 +385,9 @@ def _as_matrix(
         for k in keys:
             c = _numeric(samples[k], f"{what}: feature {k!r}")
             if c.ndim != 1:
-                raise ConfigError(f"{what}: feature {k!r} must be one value per sample (1-D), got shape {c.shape}")
+                raise ConfigError(
+                    f"{what}: feature {k!r} must be one value per sample (1-D), got shape {c.shape}"
+                )
             cols.append(c)
         lengths = {c.shape[0] for c in cols}
         if len(lengths) > 1:
@@ -472,9 +481,7 @@ class Reference:
         if n < bins:
             raise ConfigError(f"a reference with {bins} bins needs at least {bins} samples, got {n}")
         _check_finite(x, keys, "reference samples")
-        specs = [
-            FeatureSpec(k, "categorical", cats[k]) if k in cats else FeatureSpec(k) for k in keys
-        ]
+        specs = [FeatureSpec(k, "categorical", cats[k]) if k in cats else FeatureSpec(k) for k in keys]
         probs = np.arange(1, bins) / bins
         provisional: list[FeatureReference] = []
         for j, spec in enumerate(specs):
@@ -485,9 +492,7 @@ class Reference:
             else:
                 edges = tuple(float(e) for e in np.unique(np.quantile(col, probs)))
                 counts = (1,) * (len(edges) + 1)
-            provisional.append(
-                FeatureReference(spec, edges, counts, (0.0,) * len(counts), 0.0, 0.0)
-            )
+            provisional.append(FeatureReference(spec, edges, counts, (0.0,) * len(counts), 0.0, 0.0))
         binner = _Binner(provisional)
         idx, dist = binner.bin(x)
         hist_counts, hist_offsets = binner.accumulate(idx, dist)
@@ -508,7 +513,7 @@ class Reference:
     def histogram(self, samples: Any) -> tuple[IntArray, FloatArray]:
         """Histogram of live samples on this reference's bins: (counts, offsets), each of shape
         (features, max bins), a feature's unused bins zero."""
-        keys, x = _as_matrix(samples, self.names if isinstance(samples, Mapping) else None, "samples")
+        _, x = _as_matrix(samples, self.names if isinstance(samples, Mapping) else None, "samples")
         self._check_width(x)
         _check_finite(x, self.names, "samples")
         binner = _Binner(self.features)
@@ -582,7 +587,11 @@ class DriftMonitor:
         block_size = window // blocks
         if min_samples is None:
             min_samples = window - block_size + 1
-        if isinstance(min_samples, bool) or not isinstance(min_samples, int) or not 1 <= min_samples <= window:
+        if (
+            isinstance(min_samples, bool)
+            or not isinstance(min_samples, int)
+            or not 1 <= min_samples <= window
+        ):
             raise ConfigError(f"min_samples must be an int in [1, window={window}], got {min_samples!r}")
         self.reference = reference
         self.window = window
@@ -619,7 +628,9 @@ class DriftMonitor:
         names = self.reference.names
         _, x = _as_matrix(batch, names if isinstance(batch, Mapping) else None, "batch")
         if x.shape[1] != len(names):
-            raise ConfigError(f"batch has {x.shape[1]} features, the reference has {len(names)}: {list(names)}")
+            raise ConfigError(
+                f"batch has {x.shape[1]} features, the reference has {len(names)}: {list(names)}"
+            )
         if x.shape[0] == 0:
             return
         _check_finite(x, names, "batch")
@@ -655,6 +666,18 @@ class DriftMonitor:
         if not self.ready:
             return []
         return self._binner.drifted(*self.histogram(), self.thresholds)
+
+    def report(self) -> dict[str, Any]:
+        """What leaves the node, JSON-ready: ``{"count", "seen", "ready", "scores", "drifted",
+        "thresholds"}`` (scores only — never samples)."""
+        return {
+            "count": self.count,
+            "seen": self.seen,
+            "ready": self.ready,
+            "scores": self.scores(),
+            "drifted": self.drifted(),
+            "thresholds": self.thresholds.to_dict(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -694,14 +717,11 @@ def summarise_inputs(
             axes = tuple(a for a in range(1, arr.ndim) if a != ch)
             if arr.size == 0:
                 raise ConfigError(f"input {name!r} is empty, shape {arr.shape}")
-            per_stat = {
-                "mean": lambda a=arr, ax=axes: np.mean(a, axis=ax, dtype=np.float64),
-                "std": lambda a=arr, ax=axes: np.std(a, axis=ax, dtype=np.float64),
-            }
-            values = {s: per_stat[s]() for s in stat_list}
-            for k in range(arr.shape[ch]):
-                for s in stat_list:
-                    out[f"{name}.c{k}.{s}"] = np.ascontiguousarray(values[s][:, k], dtype=np.float64)
+            for s in stat_list:
+                fn = np.mean if s == "mean" else np.std
+                reduced = np.asarray(fn(arr, axis=axes, dtype=np.float64), dtype=np.float64)
+                for k in range(arr.shape[ch]):
+                    out[f"{name}.c{k}.{s}"] = np.ascontiguousarray(reduced[:, k])
         else:
             flat = arr.reshape(arr.shape[0], -1)
             if flat.shape[1] == 0:

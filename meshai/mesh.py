@@ -101,7 +101,10 @@ class Mesh:
         self._pipelines: dict[str, Pipeline] = {}
         self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._peers: dict[str, Peer] = {}
-        self.untrusted: dict[str, dict[str, str]] = {}  # advertised but not proven members: id -> reason
+        self.untrusted: dict[str, dict[str, str]] = {}
+        from meshai.metrics import Metrics
+
+        self.metrics = Metrics(node="entry")  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
         self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
         self._next_rid = 1
 
@@ -214,6 +217,15 @@ class Mesh:
             loaded, caps, Constraints(objective=objective, stages=stages, pins=dict(pins or {}))
         ), loaded
 
+    def _tensor_bytes(self, plan: Plan, model: LoadedModel | None) -> dict[str, int] | None:
+        """Sizes of the tensors a plan moves (at the planning batch), for bandwidth accounting."""
+        try:
+            loaded = self._model_for(plan, model)
+        except DeploymentError:
+            return None
+        names = {t for s in plan.stages for t in (*s.inputs, *s.outputs)}
+        return {t: loaded.graph.nbytes(t) for t in names}
+
     def _model_for(self, plan: Plan, model: LoadedModel | None) -> LoadedModel:
         if model is not None:
             return model
@@ -262,7 +274,14 @@ class Mesh:
         ``package`` is ``(signed package bytes, "name@version")``: nodes verify it and cut their stages
         out of it themselves (nodes started with ``--trusted-key`` accept nothing else)."""
         pipe = Pipeline(
-            name or plan.model or "model", plan, self.pool, window=window, request_timeout=request_timeout
+            name or plan.model or "model",
+            plan,
+            self.pool,
+            window=window,
+            request_timeout=request_timeout,
+            metrics=self.metrics,
+            version=package[1].rpartition("@")[2] if package else "",
+            tensor_bytes=self._tensor_bytes(plan, model),
         )
         await self._deploy_stages(pipe, plan, model, package)
         return pipe

@@ -572,8 +572,8 @@ def _text_of(src: Source) -> str:
 def exposition_text(
     sources: Mapping[str, Source] | Sequence[Source] | Source, *, label: str = "node"
 ) -> bytes:
-    """Merge expositions (``Metrics``, registries, or text fetched from ``/metrics``; one or several) into one
-    valid text exposition: one HELP/TYPE per family, every series once.  With a mapping
+    """Merge expositions (``Metrics``, registries, or text fetched from ``/metrics``) into one valid
+    text exposition: one HELP/TYPE per family, every series once.  With a mapping
     ``name -> source``, each series lacking ``label`` gets ``label=name`` (so per-process families
     such as ``meshai_peers`` stay apart).  Raises ConfigError on a family with two types or a series
     that appears twice."""

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from ssl import SSLContext
 from typing import TYPE_CHECKING, Any
 
-from meshai.errors import PeerError, SecurityError
+from meshai.errors import LocalProtocolError, PeerError, SecurityError
 from meshai.protocol import Control, ControlReply, Hello, Message
 from meshai.transport import Channel, ChannelOptions, connect
 
@@ -223,7 +223,10 @@ class PeerPool:
                 reply = await self._on_control(peer, msg)
             except Exception as exc:  # a control handler must answer, even when it fails
                 reply = ControlReply(msg.op, False, {"error": f"{type(exc).__name__}: {exc}"})
-            await ch.send(reply)
+            try:
+                await ch.send(reply)
+            except LocalProtocolError as exc:  # e.g. a reply over the frame's limits: say so, keep the channel
+                await ch.send(ControlReply(msg.op, False, {"error": f"reply not sendable: {exc}"[:1000]}))
             return
         if self._on_message is not None:
             await self._on_message(peer, msg, ch)

@@ -16,15 +16,18 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshai.errors import DeploymentError, InferenceError, PeerError
+from meshai.errors import DeploymentError, InferenceError, MeshaiError, PeerError
 from meshai.peers import PeerPool
 from meshai.plan import Plan
 from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy, Upload, Uploaded
 from meshai.transport import Channel
+
+if TYPE_CHECKING:
+    from meshai.metrics import Metrics
 
 Tensors = dict[str, np.ndarray]
 
@@ -77,6 +80,9 @@ class Pipeline:
         window: int = 16,
         request_timeout: float = 120.0,
         owner: bool = True,
+        metrics: Metrics | None = None,
+        version: str = "",
+        tensor_bytes: Mapping[str, int] | None = None,
     ) -> None:
         self.name = name
         self.plan = plan
@@ -86,6 +92,16 @@ class Pipeline:
         self.request_timeout = request_timeout
         self.owner = owner
         self.stats = PipelineStats()
+        self.metrics = metrics
+        self.version = version
+        self._saved_per_request = 0
+        if metrics is not None:
+            metrics.declare_model(name, version)
+            if tensor_bytes is not None:
+                from meshai.metrics import bandwidth_saved_bytes
+
+                with contextlib.suppress(MeshaiError):
+                    self._saved_per_request = bandwidth_saved_bytes(plan, tensor_bytes)
         self._sem = asyncio.Semaphore(window)
         self._next = 1
         self._futures: dict[int, asyncio.Future[Tensors]] = {}
@@ -301,6 +317,10 @@ class Pipeline:
                     now = time.perf_counter()
                     if started is not None:
                         self.stats.latencies_s.append(now - started)
+                        if self.metrics is not None:
+                            self.metrics.observe_inference(self.name, self.version, now - started, ok=True)
+                            if self._saved_per_request:
+                                self.metrics.add_bandwidth_saved(self.name, self._saved_per_request)
                     self.stats.last_result = now
                     self.stats.ok += 1
                     fut.set_result({t: part[t] for t in self.plan.outputs})
@@ -338,6 +358,8 @@ class Pipeline:
         self._started.pop(rid, None)
         if fut is not None and not fut.done():
             self.stats.errors += 1
+            if self.metrics is not None:
+                self.metrics.observe_inference(self.name, self.version, 0.0, ok=False)
             fut.set_exception(exc)
             fut.exception()  # mark retrieved; the awaiting caller still sees it
 

@@ -51,6 +51,8 @@ class SimOptions:
     profiles_file: str | None = None
     discovery_timeout: float = 30.0
     insecure: bool = False  # plain TCP, raw stage models: debugging only
+    prom_file: str | None = None  # write the swarm's final Prometheus exposition here
+    report: str | None = None  # write a PNG of the run into this directory
     ca: str | None = None  # an existing mesh CA to issue the sim's identities from (default: a throwaway one)
 
 
@@ -305,6 +307,10 @@ async def _run_sim(
                 stats = pipe.stats
                 bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
                 node_bytes = await _node_bytes(mesh, names)
+                if opts.prom_file:
+                    await _write_prom_file(mesh, names, opts.prom_file)
+                if opts.report:
+                    await _write_report(mesh, names, pipe, opts, loaded.name)
     # reference: the whole model in this process, after the timed run
     ref = StageSession(loaded.model, name=f"whole {loaded.name}")
     worst = 0.0
@@ -344,6 +350,34 @@ async def _run_sim(
     if first_error:
         report["first_error"] = first_error
     return report
+
+
+async def _write_prom_file(mesh: Any, names: Sequence[str], path: str) -> None:
+    """Every node's exposition (over the control channel) plus the entry's, as one file."""
+    from meshai.metrics import write_prom_file
+
+    sources: dict[str, Any] = {}
+    for n in names:
+        reply = await mesh.pool.control(n, "metrics")
+        text = reply.body.get("text", b"")
+        if not reply.ok or not isinstance(text, bytes):
+            raise PeerError(f"node {n!r} did not hand over its metrics: {reply.body.get('error')}")
+        sources[n] = text
+    sources["entry"] = mesh.metrics
+    write_prom_file(path, sources)
+
+
+async def _write_report(mesh: Any, names: Sequence[str], pipe: Any, opts: SimOptions, model: str) -> None:
+    from meshai.report import write_run_report
+
+    events: list[dict[str, Any]] = []
+    for n in names:
+        reply = await mesh.pool.control(n, "events", {"deployment": pipe.name})
+        events.extend(reply.body.get("events", []))
+    title = (f"{model} on {len(pipe.nodes)} stages ({', '.join(pipe.nodes)}), "
+             f"{opts.objective}, {pipe.stats.ok} requests, window {opts.window}")
+    out = Path(opts.report or ".") / f"sim-{model}-{time.strftime('%Y%m%d-%H%M%S')}.png"
+    await asyncio.to_thread(write_run_report, out, events, list(pipe.stats.latencies_s), title=title)
 
 
 async def _node_bytes(mesh: Any, names: Sequence[str]) -> int:

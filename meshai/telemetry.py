@@ -704,7 +704,9 @@ class Telemetry:
                     # Leaving: the clean goodbye, then the context manager disconnects.
                     await client.publish(self.status_topic, OFFLINE, qos=1, retain=True)
                     return
-            except aiomqtt.MqttError as exc:
+            except Exception as exc:  # telemetry never takes the node down: log, back off, retry
+                if not isinstance(exc, aiomqtt.MqttError | OSError):
+                    log.error("telemetry %s: unexpected failure", self.client_id, exc_info=exc)
                 if was_connected:
                     self.last_disconnected_at = self._clock()
                     log.warning("telemetry %s: lost the broker: %s", self.client_id, exc)

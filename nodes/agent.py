@@ -17,6 +17,7 @@ takes requests from any client, and relays results back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import logging
@@ -31,6 +32,7 @@ import numpy as np
 from meshai.capabilities import NodeCapability
 from meshai.discovery import Advert, Discovery, make_discovery
 from meshai.errors import DeploymentError, MeshaiError, PeerError, SecurityError
+from meshai.metrics import Metrics
 from meshai.peers import PeerPool
 from meshai.pipeline import Pipeline
 from meshai.plan import Plan
@@ -61,6 +63,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Per-request stage timings a node keeps for timelines (``events`` control).
+EVENTS_KEPT = 2000
 #: A request whose inputs have not all arrived after this long is dropped (its upstream died).
 PENDING_TTL_S = 120.0
 
@@ -83,6 +87,7 @@ class NodeConfig:
     identity: str | None = None  # identity directory (mesh CA member); None: plain TCP, no membership
     trusted_key: str | None = None  # fleet package-signing public key: only signed packages load
     store: str | None = None  # where verified packages are kept (still encrypted); default: a temp dir
+    metrics_port: int | None = None  # serve /metrics, /healthz, /readyz on host:port (0: any free port)
 
 
 @dataclass
@@ -102,6 +107,7 @@ class _Stage:
     queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     arrived: dict[int, float] = field(default_factory=dict)
+    ready: dict[int, float] = field(default_factory=dict)  # when all inputs were in (queue time)
     worker: asyncio.Task[None] | None = None
     served: int = 0
     busy_s: float = 0.0
@@ -161,6 +167,11 @@ class NodeAgent:
         self._stop = asyncio.Event()
         self.started_at = time.time()
         self.bytes_out = 0  # tensor bytes this node sent to other nodes and entries
+        self.metrics = Metrics(node=config.name)
+        self.events: collections.deque[dict[str, Any]] = collections.deque(maxlen=EVENTS_KEPT)
+        self._lost: set[str] = set()  # nodes we talked to whose channel died (meshai_peers{state="lost"})
+        self._known_nodes: set[str] = set()
+        self._metrics_server: Any = None
 
     # ----- lifecycle
 
@@ -208,10 +219,21 @@ class NodeAgent:
                         self.trust.identity.fingerprint if self.trust is not None else "",
                     )
                 )
+            if self.config.metrics_port is not None:
+                self._metrics_server = self.metrics.serve(
+                    self.config.host, self.config.metrics_port, ready=lambda: self._server is not None
+                )
         except BaseException:
             await self._server.close()
             raise
         return self
+
+    @property
+    def metrics_address(self) -> str:
+        """``host:port`` of the /metrics endpoint, or "" when it is off."""
+        if self._metrics_server is None:
+            return ""
+        return f"{self.config.host}:{self._metrics_server[0].server_port}"
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
@@ -243,6 +265,11 @@ class NodeAgent:
         await self.pool.close()
         if self._server is not None:
             await self._server.close()
+        if self._metrics_server is not None:
+            server, _thread = self._metrics_server
+            server.shutdown()
+            server.server_close()
+            self._metrics_server = None
         if self._store_tmp is not None:
             import shutil
 
@@ -285,7 +312,17 @@ class NodeAgent:
                 await pipe.on_message(peer, msg)
         # Hello/Heartbeat/Goodbye are handled by the transport
 
+    def _update_peer_gauge(self) -> None:
+        live = {p for p, ch in self.pool.live().items() if ch.their_hello.role == "node"}
+        self._known_nodes |= live
+        self._lost -= live
+        self.metrics.set_peers(trusted=len(live), untrusted=0, lost=len(self._lost))
+
     async def _on_lost(self, peer: str, reason: str) -> None:
+        self._update_peer_gauge()
+        if peer in self._known_nodes:
+            self._lost.add(peer)
+        self._update_peer_gauge()
         log.info("node %s: lost %s (%s)", self.name, peer, reason)
         for pipe in list(self._entries.values()):
             await pipe.on_lost(peer, reason)
@@ -476,7 +513,9 @@ class NodeAgent:
         part = st.pending.setdefault(msg.request_id, {})
         st.arrived.setdefault(msg.request_id, time.monotonic())
         part.update(msg.tensors)
+        self.metrics.add_transfer("received", sum(a.nbytes for a in msg.tensors.values()))
         if all(t in part for t in st.inputs):
+            st.ready[msg.request_id] = time.perf_counter()
             st.queue.put_nowait(msg.request_id)
         self._expire(st)
 
@@ -493,13 +532,18 @@ class NodeAgent:
 
     async def _work(self, st: _Stage) -> None:
         loop = asyncio.get_running_loop()
+        acc = self.config.capability.profile.kind
+        watts = self.config.capability.profile.active_w
+        stage = str(st.stage_id)
         while True:
             rid = await st.queue.get()
             feeds = st.pending.pop(rid, None)
             st.arrived.pop(rid, None)
+            ready_at = st.ready.pop(rid, None)
             if feeds is None:
                 continue
             t0 = time.perf_counter()
+            wall0 = time.time()
             try:
                 outs = await loop.run_in_executor(st.executor, st.session.run, feeds)
             except MeshaiError as exc:
@@ -508,9 +552,23 @@ class NodeAgent:
             spent = time.perf_counter() - t0
             if st.pace_s > spent:
                 await asyncio.sleep(st.pace_s - spent)
-            st.busy_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            busy = t1 - t0
+            st.busy_s += busy
             st.served += 1
             await self._forward(st, rid, outs)
+            t2 = time.perf_counter()
+            m = self.metrics
+            if ready_at is not None:
+                m.observe_stage(st.name, stage, "queue", max(0.0, t0 - ready_at), accelerator=acc)
+            m.observe_stage(st.name, stage, "compute", busy, accelerator=acc)
+            m.observe_stage(st.name, stage, "transfer", t2 - t1, accelerator=acc)
+            m.add_energy(acc, busy, watts)
+            m.set_queue_depth(st.name, stage, st.queue.qsize())
+            self.events.append(
+                {"deployment": st.name, "stage": st.stage_id, "node": self.name, "request": rid,
+                 "start": wall0, "compute_end": wall0 + busy, "end": wall0 + (t2 - t0)}
+            )
 
     async def _forward(self, st: _Stage, rid: int, outs: dict[str, np.ndarray]) -> None:
         by_node: dict[str, dict[str, np.ndarray]] = {}
@@ -520,7 +578,9 @@ class NodeAgent:
         for node, tensors in by_node.items():
             try:
                 await self.pool.send(node, Infer(rid, st.deployment, tensors))
-                self.bytes_out += sum(a.nbytes for a in tensors.values())
+                sent = sum(a.nbytes for a in tensors.values())
+                self.bytes_out += sent
+                self.metrics.add_transfer("sent", sent)
             except PeerError as exc:
                 await self._report(
                     st,
@@ -534,7 +594,9 @@ class NodeAgent:
                 return
         if st.to_entry:
             result = {t: outs[t] for t in st.to_entry}
-            self.bytes_out += sum(a.nbytes for a in result.values())
+            sent = sum(a.nbytes for a in result.values())
+            self.bytes_out += sent
+            self.metrics.add_transfer("sent", sent)
             await self._report(st, Result(rid, st.deployment, result))
 
     async def _report(self, st: _Stage, msg: Message) -> None:
@@ -595,6 +657,12 @@ class NodeAgent:
             return ControlReply(op, True, {"name": name, "entry": self.name})
         if op == "revocations":
             return await self._revocations(peer, body)
+        if op == "metrics":
+            self._update_peer_gauge()
+            return ControlReply(op, True, {"text": self.metrics.exposition()})
+        if op == "events":
+            dep = body.get("deployment")
+            return ControlReply(op, True, {"events": [e for e in self.events if dep is None or e["deployment"] == dep]})
         if op == "adopt_stages":
             # the stages were deployed by a client on this entry's behalf: results must come here
             dep = str(body.get("stage_deployment", ""))
@@ -661,5 +729,6 @@ class NodeAgent:
             "entries": sorted(self._entries),
             "peers": sorted(self.pool.live()),  # peers with an open channel (a dead one drops out)
             "bytes_sent": self.bytes_out,
+            "metrics": self.metrics_address,
             "uptime_s": round(time.time() - self.started_at, 3),
         }
