@@ -317,6 +317,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         trusted_key=args.trusted_key,
         store=args.store,
         metrics_port=args.metrics_port,
+        mqtt=args.mqtt,
+        site=args.site,
     )
 
     async def serve() -> None:
@@ -709,6 +711,8 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     _add_identity_flags(nd)
     nd.add_argument("--trusted-key", metavar="K.pub", help="fleet package key: load only packages it signed")
     nd.add_argument("--store", metavar="DIR", help="where verified packages are kept (default: a temp dir)")
+    nd.add_argument("--mqtt", metavar="HOST:PORT", help="publish aggregate telemetry to this MQTT broker")
+    nd.add_argument("--site", default="default", help="site name in telemetry topics (meshai/<site>/<node>/…)")
     nd.add_argument("--metrics-port", type=int, metavar="PORT",
                     help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)")
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")

@@ -31,7 +31,7 @@ import numpy as np
 
 from meshai.capabilities import NodeCapability
 from meshai.discovery import Advert, Discovery, make_discovery
-from meshai.errors import DeploymentError, MeshaiError, PeerError, SecurityError
+from meshai.errors import ConfigError, DeploymentError, MeshaiError, PeerError, SecurityError
 from meshai.metrics import Metrics
 from meshai.peers import PeerPool
 from meshai.pipeline import Pipeline
@@ -88,6 +88,9 @@ class NodeConfig:
     trusted_key: str | None = None  # fleet package-signing public key: only signed packages load
     store: str | None = None  # where verified packages are kept (still encrypted); default: a temp dir
     metrics_port: int | None = None  # serve /metrics, /healthz, /readyz on host:port (0: any free port)
+    mqtt: str | None = None  # host:port of the telemetry broker (aggregates only, never tensors)
+    site: str = "default"
+    telemetry_interval: float = 5.0
 
 
 @dataclass
@@ -172,6 +175,8 @@ class NodeAgent:
         self._lost: set[str] = set()  # nodes we talked to whose channel died (meshai_peers{state="lost"})
         self._known_nodes: set[str] = set()
         self._metrics_server: Any = None
+        self._telemetry: Any = None
+        self.recorder: Any = None  # TelemetryRecorder when --mqtt is on
 
     # ----- lifecycle
 
@@ -219,6 +224,18 @@ class NodeAgent:
                         self.trust.identity.fingerprint if self.trust is not None else "",
                     )
                 )
+            if self.config.mqtt:
+                from meshai.telemetry import Telemetry, TelemetryRecorder
+
+                host, _, port = self.config.mqtt.rpartition(":")
+                if not host or not port.isdigit():
+                    raise ConfigError(f"bad --mqtt {self.config.mqtt!r}: expected host:port")
+                self.recorder = TelemetryRecorder(self.name, self.config.site)
+                self._telemetry = Telemetry(
+                    host, int(port), self.config.site, self.name, self.config.telemetry_interval,
+                    snapshot=self.recorder.snapshot,
+                )
+                await self._telemetry.__aenter__()
             if self.config.metrics_port is not None:
                 self._metrics_server = self.metrics.serve(
                     self.config.host, self.config.metrics_port, ready=lambda: self._server is not None
@@ -265,6 +282,10 @@ class NodeAgent:
         await self.pool.close()
         if self._server is not None:
             await self._server.close()
+        if self._telemetry is not None:
+            with contextlib.suppress(Exception):
+                await self._telemetry.__aexit__(None, None, None)
+            self._telemetry = None
         if self._metrics_server is not None:
             server, _thread = self._metrics_server
             server.shutdown()
@@ -547,6 +568,8 @@ class NodeAgent:
             try:
                 outs = await loop.run_in_executor(st.executor, st.session.run, feeds)
             except MeshaiError as exc:
+                if self.recorder is not None:
+                    self.recorder.record(0.0, ok=False)
                 await self._report(st, Error(rid, "inference", str(exc), st.deployment))
                 continue
             spent = time.perf_counter() - t0
@@ -564,6 +587,8 @@ class NodeAgent:
             m.observe_stage(st.name, stage, "compute", busy, accelerator=acc)
             m.observe_stage(st.name, stage, "transfer", t2 - t1, accelerator=acc)
             m.add_energy(acc, busy, watts)
+            if self.recorder is not None:
+                self.recorder.record((t2 - (ready_at or t0)) * 1e3, bytes_sent=0)
             m.set_queue_depth(st.name, stage, st.queue.qsize())
             self.events.append(
                 {"deployment": st.name, "stage": st.stage_id, "node": self.name, "request": rid,
