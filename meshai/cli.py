@@ -319,6 +319,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         mqtt=args.mqtt,
         site=args.site,
+        telemetry_interval=args.telemetry_interval,
     )
 
     async def serve() -> None:
@@ -597,6 +598,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         ca=args.ca,
         prom_file=args.prom_file,
         report=args.report,
+        reference=args.reference,
     )
     _warn_insecure(args)
     rep = run_sim_blocking(opts)
@@ -713,6 +715,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     nd.add_argument("--store", metavar="DIR", help="where verified packages are kept (default: a temp dir)")
     nd.add_argument("--mqtt", metavar="HOST:PORT", help="publish aggregate telemetry to this MQTT broker")
     nd.add_argument("--site", default="default", help="site name in telemetry topics (meshai/<site>/<node>/…)")
+    nd.add_argument("--telemetry-interval", type=float, default=5.0, metavar="S", help="seconds between telemetry snapshots")
     nd.add_argument("--metrics-port", type=int, metavar="PORT",
                     help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)")
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
@@ -779,6 +782,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--batch", type=_positive_int, default=1)
     si.add_argument("--insecure", action="store_true", help="no TLS, unsigned stage models (debugging only)")
     si.add_argument("--prom-file", metavar="F", help="write the swarm's final Prometheus exposition text to F")
+    si.add_argument("--reference", metavar="in.npz", help="drift reference inputs (default: the first requests)")
     si.add_argument("--report", metavar="DIR", help="write a PNG of the run (latencies, timeline) into DIR")
     si.add_argument(
         "--ca", metavar="DIR", help="issue the sim's identities from this mesh CA (default: a throwaway one)"

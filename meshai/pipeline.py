@@ -27,9 +27,12 @@ from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Und
 from meshai.transport import Channel
 
 if TYPE_CHECKING:
+    from meshai.drift import EntryDrift
     from meshai.metrics import Metrics
 
 Tensors = dict[str, np.ndarray]
+#: Drift gauges are refreshed every this many results.
+DRIFT_EXPORT_EVERY = 25
 
 
 def stage_deployment_id(name: str) -> str:
@@ -95,6 +98,9 @@ class Pipeline:
         self.metrics = metrics
         self.version = version
         self._saved_per_request = 0
+        self.drift: EntryDrift | None = None  # set by enable_drift()
+        self._inputs_kept: dict[int, dict[str, np.ndarray]] = {}
+        self._since_drift_export = 0
         if metrics is not None:
             metrics.declare_model(name, version)
             if tensor_bytes is not None:
@@ -116,6 +122,25 @@ class Pipeline:
             if mine:
                 self.input_routes[s.node] = mine
         self.nodes = tuple(s.node for s in plan.stages)
+
+    def enable_drift(self, reference_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+                     warmup: int = 200) -> None:
+        """Track input and prediction drift at this entry (reference: given, or the first ``warmup``)."""
+        from meshai.drift import EntryDrift
+
+        self.drift = EntryDrift(reference_inputs, warmup=warmup)
+
+    def _export_drift(self) -> None:
+        if self.drift is None or self.metrics is None:
+            return
+        scores = self.drift.scores()
+        for feature, by_method in scores["inputs"].items():
+            for method, value in by_method.items():
+                self.metrics.set_drift(self.name, method, value, feature=feature)
+        for feature, by_method in scores["predictions"].items():
+            if feature.endswith(".argmax"):  # prediction drift: the predicted-class distribution
+                for method, value in by_method.items():
+                    self.metrics.set_drift(self.name, method, value)
 
     # ----- deployment
 
@@ -240,6 +265,8 @@ class Pipeline:
         fut.add_done_callback(lambda _f: self._sem.release())
         self._futures[rid] = fut
         self._partial[rid] = {}
+        if self.drift is not None:
+            self._inputs_kept[rid] = {t: np.asarray(inputs[t]) for t in self.plan.inputs}
         now = time.perf_counter()
         self._started[rid] = now
         if self.stats.first_sent is None:
@@ -323,7 +350,16 @@ class Pipeline:
                                 self.metrics.add_bandwidth_saved(self.name, self._saved_per_request)
                     self.stats.last_result = now
                     self.stats.ok += 1
-                    fut.set_result({t: part[t] for t in self.plan.outputs})
+                    outs = {t: part[t] for t in self.plan.outputs}
+                    kept = self._inputs_kept.pop(msg.request_id, None)
+                    if self.drift is not None and kept is not None:
+                        with contextlib.suppress(MeshaiError):
+                            self.drift.observe(kept, outs)
+                        self._since_drift_export += 1
+                        if self._since_drift_export >= DRIFT_EXPORT_EVERY:
+                            self._since_drift_export = 0
+                            self._export_drift()
+                    fut.set_result(outs)
         elif isinstance(msg, Error):
             if msg.request_id is not None and msg.request_id in self._futures:
                 self._fail(
@@ -353,6 +389,7 @@ class Pipeline:
                 f.set_result(Deployed(self.stage_deployment, k, False, f"node {peer!r} is gone: {reason}"))
 
     def _fail(self, rid: int, exc: BaseException) -> None:
+        self._inputs_kept.pop(rid, None)
         fut = self._futures.pop(rid, None)
         self._partial.pop(rid, None)
         self._started.pop(rid, None)

@@ -52,6 +52,7 @@ class SimOptions:
     discovery_timeout: float = 30.0
     insecure: bool = False  # plain TCP, raw stage models: debugging only
     prom_file: str | None = None  # write the swarm's final Prometheus exposition here
+    reference: str | None = None  # drift reference inputs (npz); default: the first requests
     report: str | None = None  # write a PNG of the run into this directory
     ca: str | None = None  # an existing mesh CA to issue the sim's identities from (default: a throwaway one)
 
@@ -179,6 +180,14 @@ class NodeProcesses:
         shutil.rmtree(self.logdir, ignore_errors=True)
 
 
+def _reference(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]] | None:
+    from meshai.tensors import load_npz, request_slices
+
+    if not opts.reference:
+        return None
+    return request_slices(load_npz(opts.reference, list(loaded.graph.inputs)))
+
+
 def _requests(opts: SimOptions, loaded: Any) -> list[dict[str, np.ndarray]]:
     from meshai.tensors import load_npz, random_inputs, request_slices
 
@@ -299,11 +308,15 @@ async def _run_sim(
             )
             results: list[dict[str, np.ndarray] | BaseException] = []
             async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
+                pipe.enable_drift(_reference(opts, loaded), warmup=min(200, max(50, len(requests) // 3)))
                 sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
                 with Progress("requests", len(requests)) as bar:
                     async for out in pipe.stream(requests):
                         results.append(out)
                         bar.advance()
+                pipe._export_drift()
+                drift = pipe.drift.scores() if pipe.drift is not None else {}
+                drifted = pipe.drift.drifted() if pipe.drift is not None else []
                 stats = pipe.stats
                 bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
                 node_bytes = await _node_bytes(mesh, names)
@@ -339,6 +352,7 @@ async def _run_sim(
         "bytes_sent": bytes_sent + node_bytes,
         "bytes_sent_caller": bytes_sent,
         "nodes": [{"name": n, "profile": p} for n, p in zip(names, profiles, strict=True)],
+        "drift": {"drifted": drifted, "max": _drift_max(drift)},
         "security": {
             "mutual_tls": not opts.insecure,
             "package": package[1] if package else None,
@@ -378,6 +392,15 @@ async def _write_report(mesh: Any, names: Sequence[str], pipe: Any, opts: SimOpt
              f"{opts.objective}, {pipe.stats.ok} requests, window {opts.window}")
     out = Path(opts.report or ".") / f"sim-{model}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     await asyncio.to_thread(write_run_report, out, events, list(pipe.stats.latencies_s), title=title)
+
+
+def _drift_max(scores: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for group in scores.values():
+        for by_method in group.values():
+            for method, v in by_method.items():
+                out[method] = max(out.get(method, 0.0), round(float(v), 6))
+    return out
 
 
 async def _node_bytes(mesh: Any, names: Sequence[str]) -> int:
