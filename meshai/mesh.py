@@ -104,7 +104,8 @@ class Mesh:
         self.untrusted: dict[str, dict[str, str]] = {}
         from meshai.metrics import Metrics
 
-        self.metrics = Metrics(node="entry")  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
+        self.metrics = Metrics(node="entry")
+        self._lost: set[str] = set()  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
         self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
         self._next_rid = 1
 
@@ -168,6 +169,7 @@ class Mesh:
                 if isinstance(r, BaseException) and not isinstance(r, MeshaiError):
                     raise r
             live = self.peers()
+            self._update_peer_gauge()
             if len(live) >= n:
                 return live
             if time.monotonic() > deadline:
@@ -387,7 +389,15 @@ class Mesh:
             for p in list(self._pipelines.values()):
                 await p.on_message(peer, msg, ch)
 
+    def _update_peer_gauge(self) -> None:
+        live = self.peers()
+        self._lost -= set(live)
+        self.metrics.set_peers(trusted=len(live), untrusted=len(self.untrusted), lost=len(self._lost))
+
     async def _on_lost(self, peer: str, reason: str) -> None:
+        if peer in self._peers:
+            self._lost.add(peer)
+        self._update_peer_gauge()
         self._discovery.forget(peer)
         for p in list(self._pipelines.values()):
             await p.on_lost(peer, reason)

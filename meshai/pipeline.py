@@ -124,11 +124,12 @@ class Pipeline:
         self.nodes = tuple(s.node for s in plan.stages)
 
     def enable_drift(self, reference_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
-                     warmup: int = 200) -> None:
-        """Track input and prediction drift at this entry (reference: given, or the first ``warmup``)."""
+                     warmup: int = 200, window: int = 500) -> None:
+        """Track input and prediction drift at this entry (reference: given, or the first ``warmup``;
+        scores over a sliding window of the last ``window`` requests)."""
         from meshai.drift import EntryDrift
 
-        self.drift = EntryDrift(reference_inputs, warmup=warmup)
+        self.drift = EntryDrift(reference_inputs, warmup=warmup, window=window)
 
     def _export_drift(self) -> None:
         if self.drift is None or self.metrics is None:

@@ -588,7 +588,9 @@ class NodeAgent:
             m.observe_stage(st.name, stage, "transfer", t2 - t1, accelerator=acc)
             m.add_energy(acc, busy, watts)
             if self.recorder is not None:
-                self.recorder.record((t2 - (ready_at or t0)) * 1e3, bytes_sent=0)
+                got = sum(a.nbytes for a in feeds.values())
+                put = sum(a.nbytes for a in outs.values())
+                self.recorder.record((t2 - (ready_at or t0)) * 1e3, bytes_sent=put, bytes_received=got)
             m.set_queue_depth(st.name, stage, st.queue.qsize())
             self.events.append(
                 {"deployment": st.name, "stage": st.stage_id, "node": self.name, "request": rid,

@@ -10,13 +10,14 @@ here every refusal happens in a node process, over a socket, as an operator woul
 - A stolen node id with a certificate from another CA is untrusted and never planned on; a node cannot
   start under another node's name, nor with a client identity.
 - A plaintext client is cut off at once; an expired certificate is refused; the node keeps serving.
-- Revocation: a caller with a newer signed list hands it to one node; it floods through the swarm,
+- Revocation: ``meshai peers --revocations`` hands the CA's newer list to one node; it floods on,
   every node cuts the revoked node off within the design's 3 s (plus a margin) and refuses it afresh.
 - Packages against a ``--trusted-key`` node: tampered, unsigned, foreign-signed, downgraded, path
   traversal, external data, raw model bytes — each refused by name while a stage deployed earlier
   from a good package keeps serving correct results.
 - A live fuzz of 1,000 mutated frames over authenticated TLS channels; the node survives and serves.
 - ``meshai sim`` is secure by default; ``--insecure`` warns and still works.
+- (xfail, strict) ``--insecure`` does not yet override ``$MESHAI_IDENTITY``.
 
 Every node is a process this module starts and ends by pid, in a mesh of its own (``unique_mesh``).
 """
@@ -34,6 +35,7 @@ import os
 import random
 import secrets
 import ssl
+import subprocess
 import time
 import zipfile
 from collections.abc import Iterator
@@ -46,10 +48,12 @@ import pytest
 from cryptography import x509
 from models_helper import CASES
 from runtime_helpers import (
+    MESHAI,
     LoopThread,
     Nodes,
     assert_one_line_error,
     assert_outputs_equal,
+    child_env,
     live_node_pids,
     meshai,
     test_secrets,
@@ -104,7 +108,7 @@ OUTPUTS = ["logits", "probs"]
 INPUTS = ("cam0", "cam1")
 DEAD_AFTER_S = 3.0  # the design: a peer is cut off within 3 s
 MARGIN_S = 1.5
-NO_ENV_IDENTITY = ["env", "-u", "MESHAI_IDENTITY"]  # a shell without $MESHAI_IDENTITY (see test 9)
+NO_ENV_IDENTITY = ["env", "-u", "MESHAI_IDENTITY"]  # a shell without $MESHAI_IDENTITY (see the last test)
 
 
 # ------------------------------------------------------------------------------------------ swarm
@@ -183,10 +187,10 @@ async def _run_through(
         return [o async for o in pipe.stream(reqs)]
 
 
-def check_serves(sw: Swarm, nodes: list[str], seed: int, package: tuple[bytes, str] | None = None) -> None:
+def check_serves(sw: Swarm, nodes: list[str], seed: int) -> None:
     """A fresh pipeline from the good package over exactly ``nodes`` returns correct results."""
     reqs = _requests(sw, seed)
-    outs = sw.lt.run(_run_through(sw.mesh, sw, nodes, reqs, package or sw.package))
+    outs = sw.lt.run(_run_through(sw.mesh, sw, nodes, reqs, sw.package))
     _check_outputs(sw, reqs, outs)
 
 
@@ -415,9 +419,8 @@ def test_stolen_node_id_from_another_ca_is_untrusted(swarm: Swarm, tmp_path: Pat
         out = _peers_cli(sw.id, "--wait", "4")
         assert {p["name"] for p in out["peers"]} == {*NODES, "srm"} and out["untrusted"] == []
     with Nodes(sw.id) as imps:
-        imps._logdir = (
-            tmp_path  # its "sr1" must not take over the real sr1's log file (named by mesh and name)
-        )
+        # log files are named by mesh and node name: the impostor "sr1" must not take over the real one's
+        imps._logdir = tmp_path
         imps.start("srm", "--identity", str(tmp_path / "imp-srm"), "--trusted-key", str(sec.pub))
         imps.wait_ready()
         imp_addr = imps.address("srm")
@@ -434,7 +437,9 @@ def test_stolen_node_id_from_another_ca_is_untrusted(swarm: Swarm, tmp_path: Pat
         _check_outputs(sw, look["reqs"], look["outs"])
 
         # an impostor of a member that is up: whichever advert a caller resolves, the impostor is never
-        # a peer and never planned on (see the report: it can hide the real sr1 from discovery)
+        # a peer and never planned on.  Not asserted: that the real sr1 is always found.  Discovery keeps
+        # one advert per node id, so a caller that resolves the impostor's lists "sr1" as untrusted and
+        # misses the real node (a denial of service by anyone on the link, no credentials needed).
         imps.start("sr1", "--identity", str(tmp_path / "imp-sr1"), "--trusted-key", str(sec.pub))
         imps.wait_ready()
         imp1 = imps.address("sr1")
@@ -522,8 +527,8 @@ def test_expired_certificate_is_refused_and_node_keeps_serving(swarm: Swarm, tmp
     name = f"srold{secrets.token_hex(2)}"
     out = tmp_path / name
     two_years_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=730)
-    # ca_issue signs and writes the identity, then fails to load it back at `now` because the session CA
-    # is younger than the certificate (see the report); the files are what this test needs
+    # ca_issue signs and writes the identity (and records it in issued.json), then raises when it loads it
+    # back as of `now`: the session CA is younger than the certificate.  The files are what this test needs.
     with contextlib.suppress(SecurityError):
         ca_issue(name, sec.ca, out, now=two_years_ago, days=1)
     cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
@@ -563,26 +568,36 @@ def test_expired_certificate_is_refused_and_node_keeps_serving(swarm: Swarm, tmp
 
 
 async def _spread(sw: Swarm, watcher: Mesh, victim: str, ca: Path) -> dict[str, Any]:
-    """A caller with the CA's newer list reaches sr0 only (a static peer list); the list must flood on.
-    Returns when each node dropped ``victim`` (seconds after the caller started connecting to sr0), as
-    ``watcher`` sees in the nodes' status."""
+    """``meshai peers --revocations <ca>/revoked.json`` reaching sr0 only (a static peer list): the node
+    takes the newer list from it, and the list must flood on over the nodes' own channels.  Returns when
+    each node dropped ``victim`` (seconds since the client process started), as ``watcher`` sees in the
+    nodes' status, and what the client printed."""
     host, port = sw.hostport("sr0")
-    m = Mesh(discovery="static", peers=[f"{host}:{port}"], revocations=ca / REVOKED)
-    async with m:
-        assert m.trust is not None
-        t0 = time.monotonic()
-        await m.wait_for_peers(1, timeout=10.0)
-        assert set(m.peers()) == {"sr0"}
-        connected = time.monotonic()  # the offer goes out as the channel is adopted: no later than this
+    cmd = [*MESHAI, "peers", "--json", "--discovery", "static", "--peers", f"{host}:{port}"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [*cmd, "--revocations", str(ca / REVOKED)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=child_env(),
+    )
+    try:
         dropped: dict[str, float] = {}
-        while len(dropped) < len(NODES) and time.monotonic() - connected < DEAD_AFTER_S + 2 * MARGIN_S:
+        while len(dropped) < len(NODES) and time.monotonic() - t0 < DEAD_AFTER_S + 3 * MARGIN_S:
             for n in NODES:
                 if n not in dropped:
                     st = await watcher.status(n)
                     if victim not in st["peers"]:
                         dropped[n] = time.monotonic() - t0
             await asyncio.sleep(0.02)
-        return {"connect_s": connected - t0, "dropped": dropped, "version": m.trust.version}
+        out, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return {"dropped": dropped, "rc": proc.returncode, "stdout": out, "stderr": err}
 
 
 def test_revocation_floods_and_cuts_the_revoked_node_off(swarm: Swarm) -> None:
@@ -631,16 +646,28 @@ def test_revocation_floods_and_cuts_the_revoked_node_off(swarm: Swarm) -> None:
 
             crl = ca_revoke(victim, sec.ca)
             rep = sw.lt.run(_spread(sw, m0, victim, sec.ca))
-            print(f"revocation v{crl.version}: {rep}")
-            assert rep["version"] == crl.version
+            print(f"revocation v{crl.version}: dropped {rep['dropped']}")
+            assert rep["rc"] == 0, rep["stderr"]
+            assert [p["name"] for p in json.loads(rep["stdout"])["peers"]] == ["sr0"]
             assert set(rep["dropped"]) == set(NODES), rep
-            for n in ("sr0", "sr1"):  # both had channels to the victim; sr1 heard of it from sr0
+            # sr0 and sr1 both had channels to the victim (sr1 heard of the list from sr0): cut off within
+            # the design's 3 s (plus a margin) of the client process starting, its start-up included
+            for n in ("sr0", "sr1"):
                 assert rep["dropped"][n] < DEAD_AFTER_S + MARGIN_S, rep
-
-            # every node holds the new list (kept in its identity directory) and says it is not news
             ca_pem = (sec.ca / "ca.crt").read_bytes()
+            assert load_revocations(sec.client, ca_pem).version == crl.version  # the client kept it too
+
+            # every node holds the new list (kept in its identity directory; sr2 heard of it only by
+            # flooding) and says it is not news
+            deadline = time.monotonic() + DEAD_AFTER_S + MARGIN_S
+            held = {}
+            while time.monotonic() < deadline:
+                held = {n: load_revocations(sec.identities / n, ca_pem).version for n in NODES}
+                if set(held.values()) == {crl.version}:
+                    break
+                time.sleep(0.05)
+            assert held == dict.fromkeys(NODES, crl.version), held
             for n in NODES:
-                assert load_revocations(sec.identities / n, ca_pem).version == crl.version
                 reply = sw.lt.run(m0.pool.control(n, "revocations", {"crl": crl.to_bytes()}))
                 assert reply.ok and reply.body == {"version": crl.version, "changed": False}, reply
 
@@ -650,11 +677,9 @@ def test_revocation_floods_and_cuts_the_revoked_node_off(swarm: Swarm) -> None:
             async def dial_all() -> list[str]:
                 return [await _dial(*sw.hostport(n), ctx, victim, "node") for n in NODES]
 
+            refusal = f"certificate of '{victim}' is revoked (revocation list v{crl.version})"
             for n, why in zip(NODES, asyncio.run(dial_all()), strict=True):
-                assert f"certificate of '{victim}' is revoked (revocation list v{crl.version})" in why, (
-                    n,
-                    why,
-                )
+                assert refusal in why, (n, why)
 
             # a caller started with --revocations refuses the victim too, and says why
             flags = ["--wait", "3", "--revocations", str(sec.ca / REVOKED)]
@@ -857,9 +882,11 @@ def test_packages_refused_by_a_trusted_key_node(swarm: Swarm, tmp_path: Path) ->
     store = sw.stores[target]
     stored = {str(p.relative_to(store)) for p in store.rglob("*.pkg")}
     assert {"srbranchy/1.pkg", "srdg/2.pkg"} <= stored, stored
-    refused = {"srunsigned", "srforeign", "srext", "srdg/1.pkg", "etc", "cron.d"}
-    assert not [p for p in stored if any(r in p for r in refused)], stored
-    assert not list(Path("/etc/cron.d").glob("meshai*"))
+    assert (store / "srbranchy" / "1.pkg").read_bytes() == good  # the tampered copies changed nothing
+    refused = ("srunsigned", "srforeign", "srext", "srdg/1.pkg")
+    assert not [p for p in stored if p.startswith(refused)], stored
+    assert not [p for p in store.parent.rglob("*") if "cron" in p.name], "a traversal entry was written"
+    assert not Path("/etc/cron.d/meshai").exists()
     weights = onnx.numpy_helper.to_array(sw.loaded.model.graph.initializer[0]).tobytes()[:64]
     for p in store.rglob("*"):
         if p.is_file():
@@ -1022,18 +1049,7 @@ def test_live_fuzz_over_tls_leaves_the_node_serving(swarm: Swarm) -> None:
 
 
 def test_sim_is_secure_by_default_and_insecure_warns(swarm: Swarm) -> None:
-    args = [
-        "sim",
-        "--nodes",
-        "2",
-        "--model",
-        str(swarm.model_path),
-        "--requests",
-        "4",
-        "--stages",
-        "2",
-        "--json",
-    ]
+    args = ["sim", "--nodes", "2", "--model", str(swarm.model_path), "--requests", "4", "--stages", "2", "--json"]  # fmt: skip
     r = meshai(*args, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "insecure" not in r.stderr
@@ -1046,7 +1062,7 @@ def test_sim_is_secure_by_default_and_insecure_warns(swarm: Swarm) -> None:
     }
     assert rep["ok"] == 4 and rep["errors"] == 0 and rep["max_abs_diff"] < 1e-4
 
-    # as run from a shell without $MESHAI_IDENTITY (with it, see test 9)
+    # as run from a shell without $MESHAI_IDENTITY (with it, see the next test)
     r = meshai(*args, "--insecure", timeout=120, prefix=NO_ENV_IDENTITY)
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
