@@ -295,7 +295,9 @@ def cmd_node(args: argparse.Namespace) -> int:
         providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
         cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
-    identity = args.identity or os.environ.get("MESHAI_IDENTITY") or None
+    if args.identity and args.insecure:
+        raise ConfigError("give either --identity or --insecure, not both")
+    identity = args.identity or (None if args.insecure else os.environ.get("MESHAI_IDENTITY")) or None
     if not identity and not args.insecure and os.environ.get("MESHAI_INSECURE") != "1":
         raise ConfigError(
             "a node needs --identity DIR (from 'meshai ca issue'; mutual TLS) or --insecure (debugging only)"
@@ -362,7 +364,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
             except PeerError:
                 if not mesh.untrusted:
                     raise
-                peers = {}
+                peers = dict(mesh.peers())
             return {n: p.to_dict() for n, p in sorted(peers.items())}, sorted(
                 mesh.untrusted.values(), key=lambda u: u["name"]
             )
@@ -714,10 +716,22 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     nd.add_argument("--trusted-key", metavar="K.pub", help="fleet package key: load only packages it signed")
     nd.add_argument("--store", metavar="DIR", help="where verified packages are kept (default: a temp dir)")
     nd.add_argument("--mqtt", metavar="HOST:PORT", help="publish aggregate telemetry to this MQTT broker")
-    nd.add_argument("--site", default="default", help="site name in telemetry topics (meshai/<site>/<node>/…)")
-    nd.add_argument("--telemetry-interval", type=float, default=5.0, metavar="S", help="seconds between telemetry snapshots")
-    nd.add_argument("--metrics-port", type=int, metavar="PORT",
-                    help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)")
+    nd.add_argument(
+        "--site", default="default", help="site name in telemetry topics (meshai/<site>/<node>/…)"
+    )
+    nd.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="seconds between telemetry snapshots",
+    )
+    nd.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)",
+    )
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -781,8 +795,12 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--window", type=_positive_int, default=8, help="requests in flight")
     si.add_argument("--batch", type=_positive_int, default=1)
     si.add_argument("--insecure", action="store_true", help="no TLS, unsigned stage models (debugging only)")
-    si.add_argument("--prom-file", metavar="F", help="write the swarm's final Prometheus exposition text to F")
-    si.add_argument("--reference", metavar="in.npz", help="drift reference inputs (default: the first requests)")
+    si.add_argument(
+        "--prom-file", metavar="F", help="write the swarm's final Prometheus exposition text to F"
+    )
+    si.add_argument(
+        "--reference", metavar="in.npz", help="drift reference inputs (default: the first requests)"
+    )
     si.add_argument("--report", metavar="DIR", help="write a PNG of the run (latencies, timeline) into DIR")
     si.add_argument(
         "--ca", metavar="DIR", help="issue the sim's identities from this mesh CA (default: a throwaway one)"

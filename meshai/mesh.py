@@ -75,8 +75,11 @@ class Mesh:
         connection is then mutual TLS 1.3 and only nodes with certificates from the same mesh CA are used.
         ``insecure`` (or ``$MESHAI_INSECURE=1``) talks plain TCP to anyone: for debugging only.
         ``revocations`` is a newer ``revoked.json`` (e.g. the CA's) to hand to every node met."""
-        identity = identity or os.environ.get("MESHAI_IDENTITY") or None
-        insecure = insecure or (not identity and os.environ.get("MESHAI_INSECURE") == "1")
+        if identity and insecure:
+            raise ConfigError("give either an identity or insecure=True (--identity or --insecure), not both")
+        if not insecure:  # an explicit insecure=True ignores $MESHAI_IDENTITY
+            identity = identity or os.environ.get("MESHAI_IDENTITY") or None
+            insecure = not identity and os.environ.get("MESHAI_INSECURE") == "1"
         self.trust: Trust | None = None
         if identity:
             from meshai.security import Trust
@@ -105,7 +108,9 @@ class Mesh:
         from meshai.metrics import Metrics
 
         self.metrics = Metrics(node="entry")
-        self._lost: set[str] = set()  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
+        self._lost: set[str] = (
+            set()
+        )  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
         self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
         self._next_rid = 1
 

@@ -203,6 +203,8 @@ class PeerPool:
             reason = f"stopped reading from {peer!r}"
             raise
         finally:
+            if self.trust is not None and self._channels.get(peer) in (ch, None):
+                self.trust.members.pop(peer, None)  # who proved to be whom: only for live channels
             if self._channels.get(peer) is ch:
                 del self._channels[peer]
                 for key, fut in list(self._pending_controls.items()):
@@ -225,7 +227,9 @@ class PeerPool:
                 reply = ControlReply(msg.op, False, {"error": f"{type(exc).__name__}: {exc}"})
             try:
                 await ch.send(reply)
-            except LocalProtocolError as exc:  # e.g. a reply over the frame's limits: say so, keep the channel
+            except (
+                LocalProtocolError
+            ) as exc:  # e.g. a reply over the frame's limits: say so, keep the channel
                 await ch.send(ControlReply(msg.op, False, {"error": f"reply not sendable: {exc}"[:1000]}))
             return
         if self._on_message is not None:

@@ -123,8 +123,12 @@ class Pipeline:
                 self.input_routes[s.node] = mine
         self.nodes = tuple(s.node for s in plan.stages)
 
-    def enable_drift(self, reference_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
-                     warmup: int = 200, window: int = 500) -> None:
+    def enable_drift(
+        self,
+        reference_inputs: Sequence[Mapping[str, np.ndarray]] | None = None,
+        warmup: int = 200,
+        window: int = 500,
+    ) -> None:
         """Track input and prediction drift at this entry (reference: given, or the first ``warmup``;
         scores over a sliding window of the last ``window`` requests)."""
         from meshai.drift import EntryDrift

@@ -53,13 +53,17 @@ def write_run_report(
     ax_e2e.set_xlabel("ms")
     ax_e2e.set_ylabel("requests")
 
-    compute = [[(e["compute_end"] - e["start"]) * 1e3 for e in events if int(e["stage"]) == s] for s in stages]
+    compute = [
+        [(e["compute_end"] - e["start"]) * 1e3 for e in events if int(e["stage"]) == s] for s in stages
+    ]
     transfer = [[(e["end"] - e["compute_end"]) * 1e3 for e in events if int(e["stage"]) == s] for s in stages]
     pos = list(range(len(stages)))
-    b1 = ax_stage.boxplot(compute, positions=[p - 0.18 for p in pos], widths=0.3, patch_artist=True,
-                          showfliers=False)
-    b2 = ax_stage.boxplot(transfer, positions=[p + 0.18 for p in pos], widths=0.3, patch_artist=True,
-                          showfliers=False)
+    b1 = ax_stage.boxplot(
+        compute, positions=[p - 0.18 for p in pos], widths=0.3, patch_artist=True, showfliers=False
+    )
+    b2 = ax_stage.boxplot(
+        transfer, positions=[p + 0.18 for p in pos], widths=0.3, patch_artist=True, showfliers=False
+    )
     for patch in b1["boxes"]:
         patch.set_facecolor("#55A868")
     for patch in b2["boxes"]:
@@ -72,17 +76,32 @@ def write_run_report(
     for e in events:
         by_request.setdefault(int(e["request"]), []).append(e)
     complete = [r for r, es in sorted(by_request.items()) if {int(x["stage"]) for x in es} == set(stages)]
-    pick = complete[len(complete) // 2 : len(complete) // 2 + timeline_requests] or complete[:timeline_requests]
+    pick = (
+        complete[len(complete) // 2 : len(complete) // 2 + timeline_requests] or complete[:timeline_requests]
+    )
     if pick:
         t0 = min(e["start"] for r in pick for e in by_request[r])
         cmap = plt.get_cmap("tab10")
         for i, r in enumerate(pick):
             for e in by_request[r]:
                 y = stages.index(int(e["stage"]))
-                ax_time.barh(y, (e["compute_end"] - e["start"]) * 1e3, left=(e["start"] - t0) * 1e3,
-                             height=0.6, color=cmap(i % 10), edgecolor="black", linewidth=0.4)
-                ax_time.barh(y, (e["end"] - e["compute_end"]) * 1e3, left=(e["compute_end"] - t0) * 1e3,
-                             height=0.25, color=cmap(i % 10), alpha=0.5)
+                ax_time.barh(
+                    y,
+                    (e["compute_end"] - e["start"]) * 1e3,
+                    left=(e["start"] - t0) * 1e3,
+                    height=0.6,
+                    color=cmap(i % 10),
+                    edgecolor="black",
+                    linewidth=0.4,
+                )
+                ax_time.barh(
+                    y,
+                    (e["end"] - e["compute_end"]) * 1e3,
+                    left=(e["compute_end"] - t0) * 1e3,
+                    height=0.25,
+                    color=cmap(i % 10),
+                    alpha=0.5,
+                )
                 ax_time.text((e["start"] - t0) * 1e3, y, str(r), fontsize=7, va="center")
     ax_time.set_yticks(range(len(stages)), [f"stage {s} · {node_of[s]}" for s in stages])
     ax_time.invert_yaxis()

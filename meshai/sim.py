@@ -30,7 +30,6 @@ import numpy as np
 from meshai.errors import ConfigError, MeshaiError, PeerError
 from meshai.progress import Progress
 
-
 #: Drift at the sim's entry: reference from the first DRIFT_WARMUP requests (unless --reference),
 #: scores over the last DRIFT_WINDOW; the default thresholds are calibrated for these sizes.
 DRIFT_WARMUP = 500
@@ -303,11 +302,18 @@ async def _run_sim(
         async with Mesh(
             mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
         ) as mesh:
-            try:
-                await mesh.wait_for_peers(opts.nodes, timeout=opts.discovery_timeout)
-            except PeerError:
+            deadline = time.monotonic() + opts.discovery_timeout
+            while True:  # a node process that died says why at once, not after the timeout
                 procs.check_alive()
-                raise
+                try:
+                    await mesh.wait_for_peers(
+                        opts.nodes, timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+                    )
+                    break
+                except PeerError:
+                    if time.monotonic() > deadline:
+                        procs.check_alive()
+                        raise
             discovery_s = time.monotonic() - procs.started_at
             plan, _ = mesh.plan(
                 loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names
@@ -401,8 +407,10 @@ async def _write_report(mesh: Any, names: Sequence[str], pipe: Any, opts: SimOpt
     for n in names:
         reply = await mesh.pool.control(n, "events", {"deployment": pipe.name})
         events.extend(reply.body.get("events", []))
-    title = (f"{model} on {len(pipe.nodes)} stages ({', '.join(pipe.nodes)}), "
-             f"{opts.objective}, {pipe.stats.ok} requests, window {opts.window}")
+    title = (
+        f"{model} on {len(pipe.nodes)} stages ({', '.join(pipe.nodes)}), "
+        f"{opts.objective}, {pipe.stats.ok} requests, window {opts.window}"
+    )
     out = Path(opts.report or ".") / f"sim-{model}-{time.strftime('%Y%m%d-%H%M%S')}.png"
     await asyncio.to_thread(write_run_report, out, events, list(pipe.stats.latencies_s), title=title)
 

@@ -232,7 +232,11 @@ class NodeAgent:
                     raise ConfigError(f"bad --mqtt {self.config.mqtt!r}: expected host:port")
                 self.recorder = TelemetryRecorder(self.name, self.config.site)
                 self._telemetry = Telemetry(
-                    host, int(port), self.config.site, self.name, self.config.telemetry_interval,
+                    host,
+                    int(port),
+                    self.config.site,
+                    self.name,
+                    self.config.telemetry_interval,
                     snapshot=self.recorder.snapshot,
                 )
                 await self._telemetry.__aenter__()
@@ -593,8 +597,15 @@ class NodeAgent:
                 self.recorder.record((t2 - (ready_at or t0)) * 1e3, bytes_sent=put, bytes_received=got)
             m.set_queue_depth(st.name, stage, st.queue.qsize())
             self.events.append(
-                {"deployment": st.name, "stage": st.stage_id, "node": self.name, "request": rid,
-                 "start": wall0, "compute_end": wall0 + busy, "end": wall0 + (t2 - t0)}
+                {
+                    "deployment": st.name,
+                    "stage": st.stage_id,
+                    "node": self.name,
+                    "request": rid,
+                    "start": wall0,
+                    "compute_end": wall0 + busy,
+                    "end": wall0 + (t2 - t0),
+                }
             )
 
     async def _forward(self, st: _Stage, rid: int, outs: dict[str, np.ndarray]) -> None:
@@ -689,7 +700,9 @@ class NodeAgent:
             return ControlReply(op, True, {"text": self.metrics.exposition()})
         if op == "events":
             dep = body.get("deployment")
-            return ControlReply(op, True, {"events": [e for e in self.events if dep is None or e["deployment"] == dep]})
+            return ControlReply(
+                op, True, {"events": [e for e in self.events if dep is None or e["deployment"] == dep]}
+            )
         if op == "adopt_stages":
             # the stages were deployed by a client on this entry's behalf: results must come here
             dep = str(body.get("stage_deployment", ""))

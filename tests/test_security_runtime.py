@@ -17,7 +17,7 @@ here every refusal happens in a node process, over a socket, as an operator woul
   from a good package keeps serving correct results.
 - A live fuzz of 1,000 mutated frames over authenticated TLS channels; the node survives and serves.
 - ``meshai sim`` is secure by default; ``--insecure`` warns and still works.
-- (xfail, strict) ``--insecure`` does not yet override ``$MESHAI_IDENTITY``.
+- ``--insecure`` overrides ``$MESHAI_IDENTITY``.
 
 Every node is a process this module starts and ends by pid, in a mesh of its own (``unique_mesh``).
 """
@@ -1076,13 +1076,6 @@ def test_sim_is_secure_by_default_and_insecure_warns(swarm: Swarm) -> None:
 # ------------------------------------------------------------------------ 9. --insecure vs env
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="--insecure does not override $MESHAI_IDENTITY: Mesh(insecure=True) (meshai/mesh.py) and "
-    "'meshai node --insecure' (meshai/cli.py cmd_node) still load it, so 'meshai sim --insecure' "
-    "fails when $MESHAI_IDENTITY is set",
-)
 def test_insecure_flag_overrides_identity_from_environment() -> None:
     assert os.environ.get("MESHAI_IDENTITY"), "conftest sets $MESHAI_IDENTITY"
     assert Mesh(insecure=True).trust is None, "Mesh(insecure=True) uses $MESHAI_IDENTITY"
