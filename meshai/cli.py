@@ -303,6 +303,13 @@ def cmd_node(args: argparse.Namespace) -> int:
             "a node needs --identity DIR (from 'meshai ca issue'; mutual TLS) or --insecure (debugging only)"
         )
     _warn_insecure(args)
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format=f"%(asctime)s {args.name} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
     cfg = NodeConfig(
         name=args.name,
         capability=cap,
@@ -732,6 +739,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         metavar="PORT",
         help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)",
     )
+    nd.add_argument("--verbose", action="store_true", help="log peers refused, lost and revoked (stderr)")
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 

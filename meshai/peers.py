@@ -55,6 +55,7 @@ class PeerPool:
         self._addresses: dict[str, str] = {}
         self._connecting: dict[str, asyncio.Future[Channel]] = {}
         self._readers: set[asyncio.Task[None]] = set()
+        self._offers: set[asyncio.Task[None]] = set()  # revocation lists being handed over
         self._pending_controls: dict[tuple[str, str], asyncio.Future[ControlReply]] = {}
         self._control_locks: dict[str, asyncio.Lock] = {}
         self._closed = False
@@ -176,8 +177,8 @@ class PeerPool:
             return
         msg = Control("revocations", {"crl": self.trust.crl.to_bytes()})
         task = asyncio.get_running_loop().create_task(self._send_quietly(ch, msg), name="meshai-revocations")
-        self._readers.add(task)
-        task.add_done_callback(self._readers.discard)
+        self._offers.add(task)
+        task.add_done_callback(self._offers.discard)
 
     async def _send_quietly(self, ch: Channel, msg: Message) -> None:
         with contextlib.suppress(PeerError):
@@ -265,7 +266,9 @@ class PeerPool:
             await ch.close(reason)
 
     async def close(self) -> None:
-        """Close every channel and stop every reader."""
+        """Close every channel and stop every reader (revocation lists being handed over go out first)."""
+        if self._offers:
+            await asyncio.wait(list(self._offers), timeout=2.0)
         self._closed = True
         chans = list(self._channels.values())
         self._channels.clear()
