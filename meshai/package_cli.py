@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from meshai.errors import ConfigError
-from meshai.models import LIGHT_MODELS, MAX_MODEL_BYTES, resolve_model
+from meshai.models import LIGHT_MODELS, resolve_model
 from meshai.packages import (
     Manifest,
     build_package,
@@ -24,6 +24,7 @@ from meshai.packages import (
     load_identity,
     load_recipients,
     open_package,
+    read_files,
     sign_package,
     verify_package,
 )
@@ -67,20 +68,14 @@ def _text(m: Manifest) -> str:
 
 def _model_files(specs: list[str]) -> dict[str, bytes]:
     """MODEL arguments (light-model names or paths) as package path -> bytes."""
-    files: dict[str, bytes] = {}
+    named: dict[str, Path] = {}
     for spec in specs:
         path = resolve_model(spec)
         rel = f"{spec}.onnx" if spec in LIGHT_MODELS else path.name
-        if rel in files:
+        if rel in named:
             raise ConfigError(f"two models would be stored as {rel!r} in one package")
-        try:
-            size = path.stat().st_size
-            if size > MAX_MODEL_BYTES:
-                raise ConfigError(f"model {str(path)!r} is {size} bytes, over the limit of {MAX_MODEL_BYTES}")
-            files[rel] = path.read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"cannot read {str(path)!r}: {exc.strerror or exc}") from None
-    return files
+        named[rel] = path
+    return read_files(named)
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:

@@ -1106,6 +1106,20 @@ def _seal(plain: Mapping[str, bytes], recipients: Mapping[str, bytes]) -> tuple[
     return Encryption(tuple(keys), tuple(sealed)), stored
 
 
+def read_files(named: Mapping[str, Path]) -> dict[str, bytes]:
+    """Read files for a package (package path -> file), each within the size limit; ConfigError."""
+    files: dict[str, bytes] = {}
+    for rel, p in named.items():
+        try:
+            size = p.stat().st_size
+            if size > MAX_MODEL_BYTES:
+                raise ConfigError(f"{str(p)!r} is {size} bytes, over the limit of {MAX_MODEL_BYTES}")
+            files[rel] = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+    return files
+
+
 def _collect(models: Sequence[str | os.PathLike[str]] | Mapping[str, bytes]) -> dict[str, bytes]:
     files: dict[str, bytes] = {}
     if isinstance(models, Mapping):
@@ -1114,18 +1128,14 @@ def _collect(models: Sequence[str | os.PathLike[str]] | Mapping[str, bytes]) -> 
                 raise ConfigError(f"package file {path!r} must be bytes, not {type(body).__name__}")
             files[_check_path(path)] = body
     else:
+        named: dict[str, Path] = {}
         for m in models:
             p = Path(m)
             rel = _check_path(p.name, f"file name of {str(p)!r}")
-            if rel in files:
+            if rel in named:
                 raise ConfigError(f"two files are named {rel!r} in one package")
-            try:
-                size = p.stat().st_size
-                if size > MAX_MODEL_BYTES:
-                    raise ConfigError(f"{str(p)!r} is {size} bytes, over the limit of {MAX_MODEL_BYTES}")
-                files[rel] = p.read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"cannot read {str(p)!r}: {exc.strerror or exc}") from None
+            named[rel] = p
+        files = read_files(named)
     if not files:
         raise ConfigError("a package needs at least one file")
     if len(files) > MAX_FILES:
