@@ -214,10 +214,13 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
     total = PREFIX.size + len(header) + body_len
     if total > limits.max_frame_bytes:
         raise LocalProtocolError(f"frame of {total} bytes exceeds limit {limits.max_frame_bytes}")
-    try:
-        _unpack_header(header, limits)  # the peer's msgpack caps (string, bin, array, map lengths)
-    except Exception as exc:
-        raise LocalProtocolError(f"{cls.KIND!r} header breaks a limit: {exc}") from exc
+    # The peer's msgpack caps (string, bin, array, map lengths): a header of N bytes cannot hold a
+    # string, bin, array or map longer than N, so a short one needs no check (the common case).
+    if len(header) > min(limits.max_str_len, limits.max_bin_len, limits.max_array_len, limits.max_map_len):
+        try:
+            _unpack_header(header, limits)
+        except Exception as exc:
+            raise LocalProtocolError(f"{cls.KIND!r} header breaks a limit: {exc}") from exc
     return [PREFIX.pack(MAGIC, len(header), body_len) + header, *body]
 
 
