@@ -15,12 +15,13 @@ import json
 import os
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -406,3 +407,73 @@ def assert_cut_close(
         scale = max(1.0, float(np.max(np.abs(b)))) if b.dtype.kind == "f" and b.size else 1.0
         d = max_abs_diff({t: a}, {t: b})
         assert d < tol * scale, f"cut tensor {t!r}: max abs diff {d} (scale {scale:g})"
+
+
+# ------------------------------------------------------------------------------- a real Prometheus
+
+PROMETHEUS_BIN = shutil.which("prometheus")
+
+
+@contextlib.contextmanager
+def prometheus_server(
+    directory: Path, targets: Sequence[str], rule_files: Sequence[Path] = ()
+) -> Iterator[str]:
+    """A Prometheus on 127.0.0.1 scraping ``targets`` every second (temp data dir in ``directory``),
+    ended by pid when the block exits; yields its base URL once it is ready."""
+    import socket
+    import urllib.request
+
+    assert PROMETHEUS_BIN is not None, "prometheus is not installed"
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    config = directory / "prometheus.yml"
+    rules = f"rule_files: {json.dumps([str(r) for r in rule_files])}\n" if rule_files else ""
+    config.write_text(
+        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
+        + rules
+        + "scrape_configs:\n"
+        "  - job_name: meshai\n"
+        f"    static_configs: [{{targets: {json.dumps(list(targets))}}}]\n"
+    )
+    log = (directory / "prometheus.log").open("wb")
+    proc = subprocess.Popen(
+        [
+            PROMETHEUS_BIN,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={directory / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+            "--log.level=warn",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        cwd=directory,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(base + "/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"Prometheus did not become ready: {(directory / 'prometheus.log').read_text()[-500:]}"
+                )
+            time.sleep(0.2)
+        yield base
+    finally:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from runtime_helpers import prometheus_server
 
 from meshai.errors import ConfigError
 from meshai.metrics import (
@@ -533,75 +534,47 @@ def test_real_prometheus_reads_p95_within_10_percent(tmp_path: Path) -> None:
     m.declare_model("squeezenet", "1")
     values = spread(2e-3, 12e-3, 300, seed=11)
     server, thread = m.serve("127.0.0.1", 0)
-    prom_port = free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        f"rule_files: [{json.dumps(str(DEPLOY / 'rules.yml'))}]\n"
-        "scrape_configs:\n"
-        "  - job_name: meshai\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{server.server_port}']}}]\n"
-    )
-    log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{prom_port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=tmp_path,
-    )
-    base = f"http://127.0.0.1:{prom_port}"
     try:
-        deadline = time.monotonic() + 45
-        _wait_for("Prometheus ready", lambda: http_get(base + "/-/ready", timeout=1)[0] == 200, deadline)
-        _wait_for("a first scrape", lambda: _query(base, 'up{job="meshai"} == 1'), deadline)
-        for i in range(0, len(values), 30):  # ~3 s of traffic, scraped every second meanwhile
-            for v in values[i : i + 30]:
-                m.observe_inference("squeezenet", "1", v)
-            time.sleep(0.3)
-        _wait_for(
-            "every request scraped",
-            lambda: [r for r in _query(base, "meshai_requests_total") if float(r["value"][1]) == 300],
-            deadline,
-        )
-        exact = exact_quantile(0.95, values)
-        cumulative = _query(base, "histogram_quantile(0.95, meshai_inference_latency_seconds_bucket)")
-        p95_cumulative = float(cumulative[0]["value"][1])
-        over_rate = _query(
-            base, "histogram_quantile(0.95, sum by (le) (rate(meshai_inference_latency_seconds_bucket[1m])))"
-        )
-        p95_rate = float(over_rate[0]["value"][1])
-        recorded = _wait_for(
-            "the p95 recording rule",
-            lambda: _query(base, "meshai:inference_latency_seconds:p95_rate5m"),
-            deadline,
-        )
-        p95_rule = float(recorded[0]["value"][1])
-        print(
-            f"exact p95 {exact * 1e3:.3f} ms; Prometheus: cumulative {p95_cumulative * 1e3:.3f} ms, "
-            f"rate[1m] {p95_rate * 1e3:.3f} ms, recording rule {p95_rule * 1e3:.3f} ms"
-        )
-        for got in (p95_cumulative, p95_rate, p95_rule):
-            assert abs(got - exact) / exact < 0.10, (got, exact)
-        ok = _query(base, 'meshai_requests_total{status="ok"}')
-        assert float(ok[0]["value"][1]) == 300
-        groups = json.loads(http_get(base + "/api/v1/rules")[2])["data"]["groups"]
-        rules = [r for g in groups for r in g["rules"]]
-        assert len(rules) >= 16
-        assert [(r["name"], r["lastError"]) for r in rules if r["health"] == "err"] == []
+        with prometheus_server(tmp_path, [f"127.0.0.1:{server.server_port}"], [DEPLOY / "rules.yml"]) as base:
+            deadline = time.monotonic() + 45
+            _wait_for("Prometheus ready", lambda: http_get(base + "/-/ready", timeout=1)[0] == 200, deadline)
+            _wait_for("a first scrape", lambda: _query(base, 'up{job="meshai"} == 1'), deadline)
+            for i in range(0, len(values), 30):  # ~3 s of traffic, scraped every second meanwhile
+                for v in values[i : i + 30]:
+                    m.observe_inference("squeezenet", "1", v)
+                time.sleep(0.3)
+            _wait_for(
+                "every request scraped",
+                lambda: [r for r in _query(base, "meshai_requests_total") if float(r["value"][1]) == 300],
+                deadline,
+            )
+            exact = exact_quantile(0.95, values)
+            cumulative = _query(base, "histogram_quantile(0.95, meshai_inference_latency_seconds_bucket)")
+            p95_cumulative = float(cumulative[0]["value"][1])
+            over_rate = _query(
+                base,
+                "histogram_quantile(0.95, sum by (le) (rate(meshai_inference_latency_seconds_bucket[1m])))",
+            )
+            p95_rate = float(over_rate[0]["value"][1])
+            recorded = _wait_for(
+                "the p95 recording rule",
+                lambda: _query(base, "meshai:inference_latency_seconds:p95_rate5m"),
+                deadline,
+            )
+            p95_rule = float(recorded[0]["value"][1])
+            print(
+                f"exact p95 {exact * 1e3:.3f} ms; Prometheus: cumulative {p95_cumulative * 1e3:.3f} ms, "
+                f"rate[1m] {p95_rate * 1e3:.3f} ms, recording rule {p95_rule * 1e3:.3f} ms"
+            )
+            for got in (p95_cumulative, p95_rate, p95_rule):
+                assert abs(got - exact) / exact < 0.10, (got, exact)
+            ok = _query(base, 'meshai_requests_total{status="ok"}')
+            assert float(ok[0]["value"][1]) == 300
+            groups = json.loads(http_get(base + "/api/v1/rules")[2])["data"]["groups"]
+            rules = [r for g in groups for r in g["rules"]]
+            assert len(rules) >= 16
+            assert [(r["name"], r["lastError"]) for r in rules if r["health"] == "err"] == []
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)

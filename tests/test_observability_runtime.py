@@ -33,7 +33,7 @@ import onnx
 import pytest
 from models_helper import branchy_model
 from prometheus_client.parser import text_string_to_metric_families
-from runtime_helpers import MESHAI, LoopThread, Nodes, WatchedRun, child_env, unique_mesh
+from runtime_helpers import MESHAI, LoopThread, Nodes, WatchedRun, child_env, prometheus_server, unique_mesh
 
 from meshai.capabilities import resolve_profiles
 from meshai.mesh import Mesh
@@ -304,41 +304,6 @@ def prom_value(base: str, expr: str) -> float | None:
     return float(res[0]["value"][1]) if len(res) == 1 else None
 
 
-@contextlib.contextmanager
-def prometheus(directory: Path, targets: list[str]) -> Iterator[str]:
-    """A Prometheus on 127.0.0.1 scraping ``targets`` every second; yields its base URL."""
-    assert PROMETHEUS is not None
-    port = free_port()
-    config = directory / "prometheus.yml"
-    config.write_text(
-        "global: {scrape_interval: 1s, scrape_timeout: 1s, evaluation_interval: 1s}\n"
-        "scrape_configs:\n"
-        "  - job_name: meshai\n"
-        f"    static_configs: [{{targets: {json.dumps(targets)}}}]\n"
-    )
-    log = (directory / "prometheus.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={directory / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL,
-        cwd=directory,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for("Prometheus ready", lambda: http_get(base + "/-/ready", timeout=1)[0] == 200, 30)
-        yield base
-    finally:
-        end_process(proc)
-        log.close()
-
-
 @pytest.mark.skipif(PROMETHEUS is None, reason="prometheus is not installed (apt-get install prometheus)")
 def test_real_prometheus_scrapes_a_running_swarm(tmp_path: Path) -> None:
     n_requests = 300
@@ -368,7 +333,7 @@ def test_real_prometheus_scrapes_a_running_swarm(tmp_path: Path) -> None:
             lt.run(mesh.wait_for_peers(3, timeout=30.0))
             server, thread = mesh.metrics.serve("127.0.0.1", 0)
             entry = f"127.0.0.1:{server.server_port}"
-            with prometheus(tmp_path, [*node_metrics.values(), entry]) as base:
+            with prometheus_server(tmp_path, [*node_metrics.values(), entry]) as base:
                 wait_for("every target up", lambda: prom_value(base, 'sum(up{job="meshai"})') == 4, 30)
 
                 async def stream() -> tuple[Plan, dict[str, float], int, int]:
