@@ -727,6 +727,310 @@ def _ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b > 0 else None
 
 
+# ------------------------------------------------------------------------------------------- ray
+
+RAY_BATCH_CHUNK = 16
+"""Requests per task in ``bench_ray``'s batch comparison."""
+RAY_BATCH_ACTORS = 2
+
+
+def bench_ray(
+    model: str = "squeezenet",
+    requests: int = 200,
+    window: int = 8,
+    stages: int = 3,
+    warmup: int = 5,
+    rounds: int = 2,
+    seed: int = 0,
+    discovery_timeout: float = 30.0,
+) -> dict[str, Any]:
+    """meshai's pipeline against a plain Ray actor pipeline of the same stages, in one run.
+
+    ``model`` is planned once, objective throughput, ``stages`` stages over ``stages`` real ``meshai
+    node`` processes (profile ``cpu``, mutual TLS, one onnxruntime thread each), and both sides run
+    exactly that plan's stage models on the same ``requests`` random requests with at most ``window``
+    in flight:
+
+    - ``meshai``: the deployed ``Pipeline`` over the node processes, streamed through ``Mesh``.
+    - ``ray``: one Ray actor per stage (a ``StageSession`` of that stage's ONNX model, one thread), a
+      request's object ref from actor k handed to actor k+1 (each actor returns the tensors later
+      stages still need), the caller keeping ``window`` requests in flight with ``ray.wait``.  Ray
+      runs locally on 127.0.0.1 with ``num_cpus=2``, no dashboard, no usage stats.
+
+    Both get ``warmup`` untimed requests first, then the timed requests in ``rounds`` chunks, the two
+    sides taking turns in alternating order.  Latency is submit → result at the caller; throughput is
+    results / the summed wall time of the chunks.  ``throughput_ratio`` and ``p50_ratio`` are meshai
+    over ray.  ``batch`` compares a chunked bulk job on Ray (``RAY_BATCH_ACTORS`` actors, the whole
+    model put once in the object store, ``RAY_BATCH_CHUNK`` requests per task) with one onnxruntime
+    session (one thread) in this process over the same requests, after the pipelines are gone.  Every
+    result is checked against the whole model run in this process; ``max_abs_diff`` is the worst per
+    side.  ConfigError on bad arguments or when Ray is not installed.
+    """
+    if requests < 1:
+        raise ConfigError(f"requests must be >= 1, got {requests}")
+    if window < 1:
+        raise ConfigError(f"window must be >= 1, got {window}")
+    if stages < 1:
+        raise ConfigError(f"stages must be >= 1, got {stages}")
+    if warmup < 0:
+        raise ConfigError(f"warmup must be >= 0, got {warmup}")
+    if rounds < 1:
+        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    from scheduler.ray_backend import RayBackend
+
+    try:
+        backend = RayBackend(num_cpus=2).start()  # embedded, checked to be on 127.0.0.1 only
+    except ConfigError:
+        raise ConfigError("bench ray needs Ray: pip install 'meshai[ray]'") from None
+    try:
+        return asyncio.run(
+            _bench_ray(backend.ray, model, requests, window, stages, warmup, rounds, seed, discovery_timeout)
+        )
+    finally:
+        backend.close()
+
+
+class _RayStage:
+    """One stage as a Ray actor's state: runs its model, returns what later stages and the caller need."""
+
+    def __init__(self, model: bytes, inputs: list[str], keep: list[str], name: str) -> None:
+        from nodes.executor import StageSession
+
+        self.session = StageSession(model, name=name)
+        self.inputs = inputs
+        self.keep = keep
+
+    def run(self, env: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = self.session.run({t: env[t] for t in self.inputs})
+        merged = {**env, **out}
+        return {t: merged[t] for t in self.keep}
+
+    def ready(self) -> bool:
+        return True
+
+
+class _RayWhole:
+    """The whole model as a Ray actor's state, for the batch comparison: one task runs a chunk."""
+
+    def __init__(self, model: bytes) -> None:
+        from nodes.executor import StageSession
+
+        self.session = StageSession(model, name="whole model")
+
+    def run(self, chunk: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        return [self.session.run(req) for req in chunk]
+
+
+def _ray_stream(
+    ray: Any, actors: list[Any], reqs: list[dict[str, np.ndarray]], window: int
+) -> tuple[list[dict[str, np.ndarray]], list[float], float]:
+    """Stream ``reqs`` through the actor chain, ``window`` in flight: (results in order, latencies s, wall s)."""
+    results: list[dict[str, np.ndarray] | None] = [None] * len(reqs)
+    latencies: list[float] = []
+    pending: dict[Any, tuple[int, float]] = {}
+
+    def collect(num: int) -> None:
+        ready, _ = ray.wait(list(pending), num_returns=num)
+        now = time.perf_counter()
+        for ref, value in zip(ready, ray.get(ready), strict=True):
+            i, t0 = pending.pop(ref)
+            results[i] = value
+            latencies.append(now - t0)
+
+    start = time.perf_counter()
+    for i, req in enumerate(reqs):
+        if len(pending) >= window:
+            collect(1)
+        t0 = time.perf_counter()
+        ref: Any = req
+        for actor in actors:
+            ref = actor.run.remote(ref)
+        pending[ref] = (i, t0)
+    while pending:
+        collect(1)
+    wall = time.perf_counter() - start
+    return [r for r in results if r is not None], latencies, wall
+
+
+def _ray_pipeline_actors(ray: Any, models: list[Any], plan: Any) -> list[Any]:
+    """One started, warmed-up actor per stage; each keeps what later stages or the caller need."""
+    cls = ray.remote(_RayStage)
+    actors = []
+    for k, (m, st) in enumerate(zip(models, plan.stages, strict=True)):
+        later = {t for s in plan.stages[k + 1 :] for t in s.inputs} | set(plan.outputs)
+        keep = sorted(
+            later & ({t for s in plan.stages[: k + 1] for t in s.outputs} | set(_model_inputs(plan)))
+        )
+        actors.append(cls.remote(m.SerializeToString(), list(st.inputs), keep, f"stage {k}"))
+    ray.get([a.ready.remote() for a in actors])
+    return actors
+
+
+def _model_inputs(plan: Any) -> set[str]:
+    produced = {t for s in plan.stages for t in s.outputs}
+    return {t for s in plan.stages for t in s.inputs if t not in produced}
+
+
+def _figures(latencies: list[float], ok: int, wall: float) -> dict[str, Any]:
+    ms = np.asarray(latencies or [0.0]) * 1e3
+    return {
+        "throughput_rps": round(ok / wall, 3) if wall > 0 else 0.0,
+        "p50_ms": round(float(np.percentile(ms, 50)), 3),
+        "p95_ms": round(float(np.percentile(ms, 95)), 3),
+        "ok": ok,
+    }
+
+
+async def _bench_ray(
+    ray: Any,
+    model: str,
+    requests: int,
+    window: int,
+    stages: int,
+    warmup: int,
+    rounds: int,
+    seed: int,
+    discovery_timeout: float,
+) -> dict[str, Any]:
+    from meshai.mesh import Mesh
+    from meshai.planning import load_for_planning, stage_models
+    from meshai.sim import MeshSecrets, NodeProcesses
+    from meshai.tensors import max_abs_diff, random_inputs, request_slices
+    from nodes.executor import StageSession
+
+    loaded = load_for_planning(model)
+    reqs = request_slices(random_inputs(loaded.model, seed=seed, requests=requests + warmup))
+    warm, timed = reqs[:warmup], reqs[warmup:]
+    rounds = max(1, min(rounds, len(timed)))
+    bounds = [len(timed) * i // rounds for i in range(rounds + 1)]
+    chunks = [timed[a:b] for a, b in itertools.pairwise(bounds)]
+    names = [f"n{i}" for i in range(stages)]
+    mesh_id = f"b{secrets.token_hex(4)}"
+    work = Path(tempfile.mkdtemp(prefix="meshai-bench-"))
+    sec = MeshSecrets(work)
+    for n in names:
+        sec.issue(n)
+    got: dict[str, list[Any]] = {"meshai": [], "ray": []}
+    lats: dict[str, list[float]] = {"meshai": [], "ray": []}
+    walls = {"meshai": 0.0, "ray": 0.0}
+    with (
+        NodeProcesses(names, ["cpu"] * stages, mesh_id, pace=False, identities=sec.identities) as procs,
+        contextlib.ExitStack() as cleanup,
+    ):
+        cleanup.callback(shutil.rmtree, work, True)
+        async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
+            try:
+                await mesh.wait_for_peers(len(names), timeout=discovery_timeout)
+            except PeerError:
+                procs.check_alive()
+                raise
+            plan = mesh.plan(loaded, objective="throughput", stages=stages, nodes=names)[0]
+            models = await asyncio.to_thread(stage_models, loaded, plan)
+            # Ray calls block: off the event loop, so the channels to the nodes keep their heartbeats
+            actors = await asyncio.to_thread(_ray_pipeline_actors, ray, models, plan)
+            try:
+                if warm:
+                    await asyncio.to_thread(_ray_stream, ray, actors, warm, window)
+                async with mesh.deploy(plan, loaded, window=window) as pipe:
+                    async for out in pipe.stream(warm):
+                        if isinstance(out, BaseException):
+                            raise out
+                    with Progress(f"{loaded.name} meshai/ray", 2 * len(timed)) as bar:
+                        for i, chunk in enumerate(chunks):
+                            for side in ("meshai", "ray") if i % 2 == 0 else ("ray", "meshai"):
+                                if side == "ray":
+                                    res, lat, wall = await asyncio.to_thread(
+                                        _ray_stream, ray, actors, chunk, window
+                                    )
+                                    got["ray"].extend(res)
+                                    lats["ray"].extend(lat)
+                                    walls["ray"] += wall
+                                    bar.advance(len(chunk))
+                                    continue
+                                seen = len(pipe.stats.latencies_s)
+                                start = time.perf_counter()
+                                async for out in pipe.stream(chunk):
+                                    got["meshai"].append(out)
+                                    bar.advance()
+                                walls["meshai"] += (pipe.stats.last_result or start) - start
+                                lats["meshai"].extend(pipe.stats.latencies_s[seen:])
+            except MeshaiError:
+                procs.check_alive()
+                raise
+            finally:
+                for a in actors:
+                    ray.kill(a)
+    # the batch job: the nodes and the pipeline actors are gone
+    model_ref = ray.put(loaded.model.SerializeToString())
+    batch_cls = ray.remote(_RayWhole)
+    workers = [batch_cls.remote(model_ref) for _ in range(RAY_BATCH_ACTORS)]
+    try:
+        batches = [timed[i : i + RAY_BATCH_CHUNK] for i in range(0, len(timed), RAY_BATCH_CHUNK)]
+        ray.get([w.run.remote(warm[:1] or timed[:1]) for w in workers])
+        start = time.perf_counter()
+        refs = [workers[i % len(workers)].run.remote(b) for i, b in enumerate(batches)]
+        ray_batch = [r for part in ray.get(refs) for r in part]
+        ray_wall = time.perf_counter() - start
+    finally:
+        for w in workers:
+            ray.kill(w)
+    local = StageSession(loaded.model, name=f"whole {loaded.name}")
+    for req in warm[:1] or timed[:1]:
+        local.run(req)
+    start = time.perf_counter()
+    wants = [local.run(req) for req in timed]
+    local_wall = time.perf_counter() - start
+
+    def check(results: list[Any]) -> tuple[int, float]:
+        ok, worst = 0, 0.0
+        for want, res in zip(wants, results, strict=True):
+            if isinstance(res, BaseException):
+                worst = math.inf
+                continue
+            ok += 1
+            d = max_abs_diff(res, want)
+            worst = d if not d <= worst else worst  # NaN counts as worst
+        return ok, worst
+
+    sides: dict[str, dict[str, Any]] = {}
+    diffs: dict[str, float] = {}
+    for side in ("meshai", "ray"):
+        if len(got[side]) != len(timed):
+            raise MeshaiError(
+                f"bench ray: {side} returned {len(got[side])} results for {len(timed)} requests"
+            )
+        ok, diffs[side] = check(got[side])
+        sides[side] = _figures(lats[side], ok, walls[side])
+    _, diffs["batch"] = check(ray_batch)
+    ray_rps = len(timed) / ray_wall if ray_wall > 0 else 0.0
+    local_rps = len(timed) / local_wall if local_wall > 0 else 0.0
+    return {
+        "model": loaded.name,
+        "stages": len(plan.stages),
+        "stage_ops": [len(s.ops) for s in plan.stages],
+        "requests": len(timed),
+        "window": window,
+        "warmup": warmup,
+        "rounds": rounds,
+        "meshai": sides["meshai"],
+        "ray": sides["ray"],
+        "throughput_ratio": _ratio(sides["meshai"]["throughput_rps"], sides["ray"]["throughput_rps"]),
+        "p50_ratio": _ratio(sides["meshai"]["p50_ms"], sides["ray"]["p50_ms"]),
+        "max_abs_diff": {k: float(v) for k, v in diffs.items()},
+        "batch": {
+            "ray_rps": round(ray_rps, 3),
+            "local_rps": round(local_rps, 3),
+            "ratio": _ratio(ray_rps, local_rps),
+            "actors": RAY_BATCH_ACTORS,
+            "chunk": RAY_BATCH_CHUNK,
+            "local_threads": 1,
+        },
+        "ray_num_cpus": 2,
+        "objective": "throughput",
+        "cpus": os.cpu_count(),
+    }
+
+
 # ------------------------------------------------------------------------------------------ tables
 
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kib": 1024, "m": _MiB, "mib": _MiB}

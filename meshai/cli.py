@@ -146,6 +146,25 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             print(bench.pipeline_table(res))
         return 0
+    if args.what == "ray":
+        model = args.models.split(",")[0].strip() if args.models != "squeezenet,resnet50" else "squeezenet"
+        res = bench.bench_ray(model, requests=args.requests or 200, window=args.window)
+        if args.json:
+            _emit_json(res)
+        else:
+            from meshai.tables import format_table
+
+            rows = [
+                [k, res[k]["throughput_rps"], res[k]["p50_ms"], res[k]["p95_ms"]] for k in ("meshai", "ray")
+            ]
+            print(format_table(["pipeline", "req/s", "p50 ms", "p95 ms"], rows, right=(1, 2, 3)))
+            b = res["batch"]
+            print(
+                f"{res['model']}, {res['stages']} stages, {res['requests']} requests, window {res['window']}: "
+                f"throughput meshai/ray {res['throughput_ratio']:.2f}, p50 meshai/ray {res['p50_ratio']:.2f}; "
+                f"batch on Ray {b['ray_rps']:.1f} req/s vs one local process {b['local_rps']:.1f} ({b['ratio']:.2f}x)"
+            )
+        return 0
     raise ConfigError(f"unknown benchmark {args.what!r}")
 
 
@@ -648,7 +667,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     be = sub.add_parser("bench", help="benchmarks, with ratios against a baseline measured in the same run")
-    be.add_argument("what", choices=["plan", "transport", "pipeline"])
+    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray"])
     be.add_argument(
         "--cases", type=_positive_int, default=300, help="plan: random DAGs for the quality check"
     )
@@ -816,8 +835,10 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 
+    from meshai.batch_cli import add_batch_parser
     from meshai.telemetry_cli import add_telemetry_parser
 
+    add_batch_parser(sub)
     add_telemetry_parser(sub)
     if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
         from meshai.package_cli import add_package_parsers

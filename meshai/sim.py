@@ -58,6 +58,7 @@ class SimOptions:
     insecure: bool = False  # plain TCP, raw stage models: debugging only
     prom_file: str | None = None  # write the swarm's final Prometheus exposition here
     reference: str | None = None  # drift reference inputs (npz); default: the first requests
+
     report: str | None = None  # write a PNG of the run into this directory
     ca: str | None = None  # an existing mesh CA to issue the sim's identities from (default: a throwaway one)
 

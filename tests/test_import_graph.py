@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSITION = {"mesh.py", "cli.py", "planning.py", "bench.py", "sim.py", "__main__.py"}
+COMPOSITION = {"mesh.py", "cli.py", "planning.py", "bench.py", "sim.py", "batch_cli.py", "__main__.py"}
 
 
 def _imports(path: Path) -> set[str]:
@@ -30,7 +30,11 @@ def test_core_modules_do_not_import_nodes_or_scheduler():
 def test_scheduler_is_pure_and_only_ray_backend_touches_ray():
     for p in (ROOT / "scheduler").rglob("*.py"):
         imps = _imports(p)
+        if p.name == "ray_backend.py":  # the scheduler's one I/O module: Ray actors run node executors
+            continue
         assert "nodes" not in imps, p
         assert not imps & {"socket", "asyncio", "subprocess", "onnxruntime"}, p
+        assert "ray" not in imps, p
+    for p in (ROOT / "scheduler").rglob("*.py"):  # nothing else in scheduler/ imports ray_backend
         if p.name != "ray_backend.py":
-            assert "ray" not in imps, p
+            assert "scheduler.ray_backend" not in p.read_text(), p
