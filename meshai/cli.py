@@ -629,6 +629,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
         reference=args.reference,
     )
     _warn_insecure(args)
+    import signal
+
+    def _terminated(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # so that every node process is stopped on SIGTERM too, as on Ctrl-C
+
+    signal.signal(signal.SIGTERM, _terminated)
     rep = run_sim_blocking(opts)
     if args.json:
         _emit_json(rep)
