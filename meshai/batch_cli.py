@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from meshai.errors import ConfigError, MeshaiError
+from meshai.errors import ConfigError
 from meshai.models import load_model, model_name
 from meshai.progress import Progress
 from meshai.tables import format_table
@@ -152,20 +152,3 @@ def add_batch_parser(subparsers: argparse._SubParsersAction[P]) -> P:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_batch)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``batch`` alone (as the main CLI would): MeshaiError becomes one line and exit 1."""
-    parser = argparse.ArgumentParser(prog="meshai")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_batch_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except MeshaiError as exc:
-        sys.stderr.write(f"meshai: error: {exc}\n")
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -13,10 +13,9 @@ import asyncio
 import json
 import math
 import sys
-from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from meshai.errors import ConfigError, MeshaiError, PeerError
+from meshai.errors import ConfigError, PeerError
 from meshai.tables import format_table
 
 __all__ = ["add_telemetry_parser", "cmd_telemetry", "parse_broker"]
@@ -111,20 +110,3 @@ def add_telemetry_parser(subparsers: argparse._SubParsersAction[P]) -> P:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_telemetry)
     return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``telemetry`` alone (as the main CLI would): MeshaiError becomes one line and exit 1."""
-    parser = argparse.ArgumentParser(prog="meshai")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_telemetry_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except MeshaiError as exc:
-        sys.stderr.write(f"meshai: error: {exc}\n")
-        return 1
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -110,7 +110,7 @@ def test_cli_batch_on_ray_equals_local(
     inp, out = tmp_path / "in.npz", tmp_path / "out.npz"
     save_npz(inp, {k: v[:32] for k, v in stacked.items()})
     env = {**os.environ, "MESHAI_PROGRESS": "0"}
-    cmd = [sys.executable, "-m", "meshai.batch_cli", "batch", "squeezenet", "--inputs", str(inp)]
+    cmd = [sys.executable, "-m", "meshai", "batch", "squeezenet", "--inputs", str(inp)]
     cmd += ["--outputs", str(out), "--backend", "ray", "--chunk", "8", "--actors", "1", "--num-cpus", "1"]
     proc = subprocess.run([*cmd, "--json"], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
@@ -123,7 +123,7 @@ def test_cli_batch_on_ray_equals_local(
 def test_cli_local_backend_from_directory(
     tmp_path: Path, stacked: dict[str, np.ndarray], local_outputs: Any
 ) -> None:
-    from meshai.batch_cli import main
+    from meshai.cli import main
 
     d = tmp_path / "in"
     d.mkdir()

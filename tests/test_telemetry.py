@@ -684,12 +684,8 @@ def test_fleet_state_unreachable_broker_is_a_peer_error():
 
 
 def _cli_command() -> list[str]:
-    """``python -m meshai telemetry`` once the main CLI wires it; until then the module's own main."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "meshai", "telemetry", "--help"], cwd=ROOT, capture_output=True, timeout=30
-    )
-    module = "meshai" if probe.returncode == 0 else "meshai.telemetry_cli"
-    return [sys.executable, "-m", module, "telemetry"]
+    """``python -m meshai telemetry``, as a user runs it."""
+    return [sys.executable, "-m", "meshai", "telemetry"]
 
 
 async def _run(*argv: str, check: bool = True) -> Any:
