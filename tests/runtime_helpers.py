@@ -21,11 +21,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+
+from meshai.sim import NODE_COMM
 
 T = TypeVar("T")
 
@@ -137,6 +139,16 @@ def is_node_cmd(argv: Sequence[str]) -> bool:
     return False
 
 
+def is_node_process(pid: int) -> bool:
+    """True for a node process: a ``meshai node`` command line, or a node forked by ``meshai sim``'s fork
+    server (named ``meshai-node``)."""
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return False
+    return comm == NODE_COMM.decode() or is_node_cmd(cmdline(pid))
+
+
 def mesh_of(argv: Sequence[str]) -> str | None:
     """The ``--mesh`` value of a command line."""
     for i, a in enumerate(argv[:-1]):
@@ -163,7 +175,6 @@ class WatchedRun:
         self.args = args
         self.timeout = timeout
         self.node_pids: set[int] = set()
-        self.meshes: set[str] = set()
         self.stderr_files: set[str] = set()  # where the node processes' stderr went (their logs)
 
     def run(self) -> subprocess.CompletedProcess[str]:
@@ -200,29 +211,30 @@ class WatchedRun:
 
     def _scan(self, parent: int) -> None:
         for pid in all_pids():
-            if pid in self.node_pids:
+            if pid in self.node_pids or not is_node_process(pid):
                 continue
-            if parent_pid(pid) != parent:
+            up = parent_pid(pid)  # a node is the run's child, or its fork server's (the run's grandchild)
+            if up != parent and (up is None or parent_pid(up) != parent):
                 continue
-            argv = cmdline(pid)
-            if is_node_cmd(argv):
-                self.node_pids.add(pid)
-                m = mesh_of(argv)
-                if m:
-                    self.meshes.add(m)
-                with contextlib.suppress(OSError):
-                    target = os.readlink(f"/proc/{pid}/fd/2")
-                    if target.startswith("/"):
-                        self.stderr_files.add(target)
+            self.node_pids.add(pid)
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/{pid}/fd/2")
+                if target.startswith("/"):
+                    self.stderr_files.add(target)
 
     def leftovers(self, grace: float = 5.0) -> list[int]:
         """Node processes of the watched run still alive after ``grace`` seconds."""
-        deadline = time.monotonic() + grace
-        while True:
-            alive = [p for m in self.meshes for p in live_node_pids(m)]
-            if not alive or time.monotonic() > deadline:
-                return alive
-            time.sleep(0.1)
+        return wait_gone(self.node_pids, grace)
+
+
+def wait_gone(pids: Iterable[int], grace: float = 5.0) -> list[int]:
+    """Those of ``pids`` that are still live node processes after ``grace`` seconds."""
+    deadline = time.monotonic() + grace
+    while True:
+        alive = [p for p in pids if is_node_process(p) and not is_zombie(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
 
 
 # ------------------------------------------------------------------------------- node processes
