@@ -627,6 +627,12 @@ def cmd_sim(args: argparse.Namespace) -> int:
         prom_file=args.prom_file,
         report=args.report,
         reference=args.reference,
+        offload=args.offload,
+        offload_threshold=args.offload_threshold,
+        rate=args.rate,
+        ray_address=args.ray_address,
+        ray_actors=args.ray_actors,
+        ray_cpus=args.ray_cpus,
     )
     _warn_insecure(args)
     import signal
@@ -838,6 +844,22 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument(
         "--ca", metavar="DIR", help="issue the sim's identities from this mesh CA (default: a throwaway one)"
     )
+    si.add_argument("--offload", choices=["ray"], help="spill requests to Ray when the swarm's queue is full")
+    si.add_argument(
+        "--offload-threshold",
+        type=_positive_int,
+        metavar="Q",
+        help="with --offload: requests arriving while the swarm holds Q or more go to Ray",
+    )
+    si.add_argument(
+        "--rate",
+        type=float,
+        metavar="R",
+        help="with --offload: requests arrive R per second (default: all at once, a burst)",
+    )
+    si.add_argument("--ray-address", metavar="ADDRESS", help="a Ray cluster (default: an embedded local one)")
+    si.add_argument("--ray-actors", type=_positive_int, default=2, help="Ray actors (default 2)")
+    si.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of the embedded Ray (default 2)")
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 

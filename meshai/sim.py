@@ -16,6 +16,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -59,6 +60,28 @@ class SimOptions:
 
     report: str | None = None  # write a PNG of the run into this directory
     ca: str | None = None  # an existing mesh CA to issue the sim's identities from (default: a throwaway one)
+    # overflow to Ray: requests arrive all at once (or ``rate`` per second) and those that find the
+    # swarm's queue at ``offload_threshold`` or more run on Ray
+    offload: str | None = None
+    offload_threshold: int | None = None
+    rate: float | None = None
+    ray_address: str | None = None
+    ray_actors: int = 2
+    ray_cpus: int = 2
+
+    def __post_init__(self) -> None:
+        if self.offload not in (None, "ray"):
+            raise ConfigError(f"--offload must be 'ray', got {self.offload!r}")
+        if self.offload and self.offload_threshold is None:
+            raise ConfigError("--offload ray needs --offload-threshold Q (the swarm queue depth that spills)")
+        if not self.offload:
+            for flag, value in (("--offload-threshold", self.offload_threshold), ("--rate", self.rate)):
+                if value is not None:
+                    raise ConfigError(f"{flag} applies only with --offload ray")
+        if self.offload_threshold is not None and self.offload_threshold < 1:
+            raise ConfigError(f"--offload-threshold must be >= 1, got {self.offload_threshold}")
+        if self.rate is not None and not (self.rate > 0 and self.rate < float("inf")):
+            raise ConfigError(f"--rate must be a positive number of requests per second, got {self.rate}")
 
 
 def _profile_names(opts: SimOptions) -> list[str]:
@@ -340,10 +363,7 @@ async def _run_sim(
     mesh_id: str,
     work: Path,
 ) -> dict[str, Any]:
-    from meshai.mesh import Mesh
     from meshai.models import resolve_model
-    from meshai.tensors import max_abs_diff, save_npz, stack_requests
-    from nodes.executor import StageSession
 
     identities: Path | None = None
     client: Path | None = None
@@ -356,46 +376,88 @@ async def _run_sim(
         identities, client = sec.identities, sec.client
         package = sec.package(resolve_model(opts.model), loaded.name)
         extra = sec.node_args()
-    with NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities) as procs:
-        async with Mesh(
-            mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
-        ) as mesh:
-            deadline = time.monotonic() + opts.discovery_timeout
-            while True:  # a node process that died says why at once, not after the timeout
-                procs.check_alive()
-                try:
-                    await mesh.wait_for_peers(
-                        opts.nodes, timeout=max(0.1, min(1.0, deadline - time.monotonic()))
-                    )
-                    break
-                except PeerError:
-                    if time.monotonic() > deadline:
-                        procs.check_alive()
-                        raise
-            discovery_s = time.monotonic() - procs.started_at
-            plan, _ = mesh.plan(
-                loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names
-            )
-            results: list[dict[str, np.ndarray] | BaseException] = []
-            async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
-                # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
-                # reports drift as warming up rather than alarm on noise
-                pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
-                sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
-                with Progress("requests", len(requests)) as bar:
+    with contextlib.ExitStack() as stack:
+        ray_model = _start_ray(opts, loaded, stack)  # before the swarm: Ray's start-up blocks for seconds
+        procs = stack.enter_context(
+            NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities)
+        )
+        return await _run_swarm(
+            opts, loaded, requests, profiles, names, mesh_id, procs, ray_model, client, package
+        )
+    raise AssertionError("unreachable")
+
+
+def _start_ray(opts: SimOptions, loaded: Any, stack: contextlib.ExitStack) -> Any:
+    """With ``--offload ray``: Ray started (or joined) and the whole model loaded on its actors."""
+    if not opts.offload:
+        return None
+    from scheduler.ray_backend import RayBackend
+
+    where = opts.ray_address or "embedded, 127.0.0.1"
+    print(f"meshai sim: starting Ray ({where}) with {opts.ray_actors} actors", file=sys.stderr, flush=True)
+    backend = stack.enter_context(
+        RayBackend(address=opts.ray_address, num_cpus=opts.ray_cpus, actors=opts.ray_actors)
+    )
+    return backend.load(loaded.model.SerializeToString())
+
+
+async def _run_swarm(
+    opts: SimOptions,
+    loaded: Any,
+    requests: list[dict[str, np.ndarray]],
+    profiles: list[str],
+    names: list[str],
+    mesh_id: str,
+    procs: NodeProcesses,
+    ray_model: Any,
+    client: Path | None,
+    package: tuple[bytes, str] | None,
+) -> dict[str, Any]:
+    from meshai.mesh import Mesh
+    from meshai.tensors import max_abs_diff, save_npz, stack_requests
+    from nodes.executor import StageSession
+
+    async with Mesh(
+        mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
+    ) as mesh:
+        deadline = time.monotonic() + opts.discovery_timeout
+        while True:  # a node process that died says why at once, not after the timeout
+            procs.check_alive()
+            try:
+                await mesh.wait_for_peers(opts.nodes, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+                break
+            except PeerError:
+                if time.monotonic() > deadline:
+                    procs.check_alive()
+                    raise
+        discovery_s = time.monotonic() - procs.started_at
+        plan, _ = mesh.plan(loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names)
+        results: list[dict[str, np.ndarray] | BaseException] = []
+        async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
+            # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
+            # reports drift as warming up rather than alarm on noise
+            pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
+            sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
+            overflow: dict[str, Any] | None = None
+            with Progress("requests", len(requests)) as bar:
+                if ray_model is not None:
+                    over = await _overflow(opts, pipe, ray_model, requests, bar.advance)
+                    results, overflow = over.results, over.to_dict(_policy(opts), opts.rate)
+                    latency_ms, throughput_rps = over.latency_ms(), over.throughput_rps()
+                else:
                     async for out in pipe.stream(requests):
                         results.append(out)
                         bar.advance()
-                pipe._export_drift()
-                drift = pipe.drift.scores() if pipe.drift is not None else {}
-                drifted = pipe.drift.drifted() if pipe.drift is not None else []
-                stats = pipe.stats
-                bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
-                node_bytes = await _node_bytes(mesh, names)
-                if opts.prom_file:
-                    await _write_prom_file(mesh, names, opts.prom_file)
-                if opts.report:
-                    await _write_report(mesh, names, pipe, opts, loaded.name)
+                    latency_ms, throughput_rps = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
+            pipe._export_drift()
+            drift = pipe.drift.scores() if pipe.drift is not None else {}
+            drifted = pipe.drift.drifted() if pipe.drift is not None else []
+            bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
+            node_bytes = await _node_bytes(mesh, names)
+            if opts.prom_file:
+                await _write_prom_file(mesh, names, opts.prom_file)
+            if opts.report:
+                await _write_report(mesh, names, pipe, opts, loaded.name)
     # reference: the whole model in this process, after the timed run
     ref = StageSession(loaded.model, name=f"whole {loaded.name}")
     worst = 0.0
@@ -418,8 +480,8 @@ async def _run_sim(
         "ok": len(ok_outputs),
         "errors": errors,
         "max_abs_diff": worst,
-        "latency_ms": stats.latency_ms(),
-        "throughput_rps": stats.throughput_rps(),
+        "latency_ms": latency_ms,
+        "throughput_rps": throughput_rps,
         "discovery_s": round(discovery_s, 3),
         "bytes_sent": bytes_sent + node_bytes,
         "bytes_sent_caller": bytes_sent,
@@ -437,10 +499,28 @@ async def _run_sim(
             "package_encrypted": package is not None,
         },
         "model": loaded.name,
+        "offload": overflow,
     }
     if first_error:
         report["first_error"] = first_error
     return report
+
+
+def _policy(opts: SimOptions) -> Any:
+    from scheduler.offload import OffloadPolicy
+
+    assert opts.offload_threshold is not None
+    return OffloadPolicy(queue_threshold=opts.offload_threshold)
+
+
+async def _overflow(
+    opts: SimOptions, pipe: Any, ray_model: Any, requests: list[dict[str, np.ndarray]], advance: Any
+) -> Any:
+    """Requests routed between the swarm's pipeline and Ray by the offload policy."""
+    from meshai.overflow import OverflowRouter
+
+    router = OverflowRouter(pipe, ray_model, _policy(opts), batch_size=opts.batch)
+    return await router.run(requests, rate=opts.rate, on_result=advance)
 
 
 async def _write_prom_file(mesh: Any, names: Sequence[str], path: str) -> None:
@@ -507,6 +587,15 @@ def sim_table(report: dict[str, Any]) -> str:
         ["discovery", f"{report['discovery_s']:.2f} s"],
         ["bytes sent", human_bytes(report["bytes_sent"])],
     ]
+    off = report.get("offload")
+    if off:
+        rows.append(
+            [
+                "offload to ray",
+                f"{off['swarm']} on the swarm, {off['ray']} on Ray (queue threshold {off['threshold']}); "
+                f"p50 {off['latency_ms']['swarm']['p50']:.2f} / {off['latency_ms']['ray']['p50']:.2f} ms",
+            ]
+        )
     sec = report.get("security", {})
     if sec.get("mutual_tls"):
         rows.append(["security", f"mutual TLS 1.3; model as signed, encrypted package {sec.get('package')}"])

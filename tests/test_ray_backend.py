@@ -145,3 +145,68 @@ def test_import_does_not_import_ray() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# ------------------------------------------------------------------ overflow: swarm or Ray per request
+
+
+class LocalRunner:
+    """The swarm's side of the router in-process: the whole model on onnxruntime in a worker thread;
+    requests whose index is in ``fail`` raise InferenceError, as a failed stage would."""
+
+    def __init__(self, model_bytes: bytes, reqs: list[dict[str, np.ndarray]], fail: set[int]) -> None:
+        from nodes.executor import StageSession
+
+        self.session = StageSession(model_bytes)
+        self.index = {id(r): i for i, r in enumerate(reqs)}
+        self.fail = fail
+        self.calls = 0
+
+    async def infer(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from meshai.errors import InferenceError
+
+        self.calls += 1
+        if self.index[id(inputs)] in self.fail:
+            raise InferenceError(f"request {self.index[id(inputs)]} failed on the swarm")
+        return await asyncio.to_thread(self.session.run, inputs)
+
+
+def test_overflow_burst_spills_exactly_past_threshold(
+    ray_model: Any, model_bytes: bytes, stacked: dict[str, np.ndarray], local_outputs: Any
+) -> None:
+    """A burst of 24 with threshold 5: the first 5 find room on the swarm, the other 19 go to Ray; every
+    request has exactly one result, equal to the whole model's, in input order."""
+    from meshai.overflow import OverflowRouter
+    from scheduler.offload import OffloadPolicy
+
+    reqs = request_slices(stacked)[:24]
+    swarm = LocalRunner(model_bytes, reqs, fail=set())
+    router = OverflowRouter(swarm, ray_model, OffloadPolicy(queue_threshold=5))
+    finished: list[int] = []
+    rep = asyncio.run(router.run(reqs, on_result=lambda: finished.append(1)))
+    _assert_equal(rep.results, local_outputs[:24])  # type: ignore[arg-type]
+    assert rep.routed == {"swarm": 5, "ray": 19} and rep.completed == rep.routed
+    assert rep.rules == {"local": 5, "overflow": 19}
+    assert swarm.calls == 5 and len(finished) == 24 and router.queued == 0
+    assert rep.ok == 24 and rep.throughput_rps() > 0
+    assert rep.latency_ms("ray")["p50"] > 0 and rep.latency_ms("swarm")["p50"] > 0
+
+
+def test_overflow_at_a_rate_accounts_every_request_once(
+    ray_model: Any, model_bytes: bytes, stacked: dict[str, np.ndarray], local_outputs: Any
+) -> None:
+    """Requests arriving at a rate: however they split, routed = completed = all, and a request that fails
+    on the swarm is one error result, not a lost or repeated request."""
+    from meshai.errors import InferenceError
+    from meshai.overflow import OverflowRouter
+    from scheduler.offload import OffloadPolicy
+
+    reqs = request_slices(stacked)[:20]
+    swarm = LocalRunner(model_bytes, reqs, fail={0})
+    rep = asyncio.run(
+        OverflowRouter(swarm, ray_model, OffloadPolicy(queue_threshold=2)).run(reqs, rate=200.0)
+    )
+    assert rep.routed["swarm"] + rep.routed["ray"] == 20 and rep.completed == rep.routed
+    assert rep.routed["swarm"] >= 2  # request 0 (and 1) always find an empty swarm
+    assert isinstance(rep.results[0], InferenceError) and rep.ok == 19
+    _assert_equal(rep.results[1:], local_outputs[1:20])  # type: ignore[arg-type]
