@@ -1,0 +1,334 @@
+"""Static post-training INT8 quantization (onnxruntime's QDQ quantizer) and its measured accuracy cost.
+
+Calibration runs once over the whole fp32 model and yields the range of every tensor
+(``Calibration``, onnxruntime's calibration-cache JSON).  ``quantize`` then turns any model whose
+tensor names come from that model — the whole model, or one stage cut out of it — into its QDQ int8
+variant from those ranges, without calibrating again; ``ops`` limits it to some nodes.  So an int8
+stage is the same computation wherever it is built (the entry, or a node from a package that carries
+the calibration): a stage's fp32 boundary tensors keep their names, and a tensor quantized at the end
+of one stage and again at the start of the next is quantized twice with the same scale, which is
+exact.
+
+``measure`` runs the fp32 model and int8 variants over evaluation data and returns a ``QuantProfile``
+— the measured accuracy drop of the whole int8 model and of each quantizable op on its own — that the
+planner reads as data (``Constraints.int8_drop_pts``).  With labels the drop is the accuracy delta in
+points; without, it is the top-1 disagreement with the fp32 model in points.
+
+This module does I/O (onnxruntime sessions, temporary files); the planner never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from meshai.errors import ConfigError, InferenceError
+
+__all__ = [
+    "Calibration",
+    "QuantProfile",
+    "accuracy_pts",
+    "calibrate",
+    "drop_pts",
+    "measure",
+    "quantizable_ops",
+    "quantize",
+    "run_model",
+    "top1",
+]
+
+Tensors = dict[str, np.ndarray]
+#: Op types onnxruntime's QDQ quantizer gives int8 weights or activations (the ones worth counting).
+QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """onnxruntime's quantizer logs advice through the root logger; keep stderr to our own messages."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Every tensor's calibrated range (onnxruntime's calibration-cache JSON) and the weight layout."""
+
+    data: bytes
+    per_channel: bool = False
+    samples: int = 0
+
+    def to_bytes(self) -> bytes:
+        """One JSON document: what a package carries next to its model."""
+        doc = {"per_channel": self.per_channel, "samples": self.samples, "ranges": json.loads(self.data)}
+        return json.dumps(doc, sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, what: str = "calibration") -> Calibration:
+        """Parse ``to_bytes`` output; ConfigError names what is wrong."""
+        try:
+            doc = json.loads(raw)
+            ranges = doc["ranges"]
+            per_channel = doc["per_channel"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{what} is not a meshai calibration: {exc}") from None
+        if not isinstance(ranges, dict) or not isinstance(per_channel, bool):
+            raise ConfigError(f"{what} is not a meshai calibration (ranges / per_channel)")
+        return cls(json.dumps(ranges).encode(), per_channel, int(doc.get("samples", 0)))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_bytes(self.to_bytes())
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        try:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read calibration {str(path)!r}: {exc.strerror}") from None
+        return cls.from_bytes(raw, f"calibration {str(path)!r}")
+
+
+class _Reader:
+    """onnxruntime's CalibrationDataReader over a list of feeds."""
+
+    def __init__(self, samples: Sequence[Mapping[str, np.ndarray]], progress: Callable[[], None] | None):
+        self._it = iter(samples)
+        self._progress = progress
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        item = next(self._it, None)
+        if item is not None and self._progress is not None:
+            self._progress()
+        return None if item is None else {k: np.asarray(v) for k, v in item.items()}
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        while (item := self.get_next()) is not None:
+            yield item
+
+
+def _saved(model: onnx.ModelProto, tmp: str) -> Path:
+    """The model as a file (onnxruntime's quantizer reloads it from disk with shape inference)."""
+    path = Path(tmp) / "model.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _feed_names(model: onnx.ModelProto) -> list[str]:
+    inits = {t.name for t in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in inits]
+
+
+def _check_samples(model: onnx.ModelProto, samples: Sequence[Mapping[str, np.ndarray]], what: str) -> None:
+    if not samples:
+        raise ConfigError(f"{what} holds no samples")
+    missing = [n for n in _feed_names(model) if n not in samples[0]]
+    if missing:
+        raise ConfigError(f"{what} lacks model input {missing[0]!r} (has: {', '.join(samples[0])})")
+
+
+def calibrate(
+    model: onnx.ModelProto,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    *,
+    per_channel: bool = False,
+    progress: Callable[[], None] | None = None,
+) -> Calibration:
+    """Run the fp32 ``model`` over ``samples`` (one feed dict each) and record every tensor's range
+    (min/max calibration).  ``progress()`` is called once per sample."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    _check_samples(model, samples, "calibration data")
+    with tempfile.TemporaryDirectory(prefix="meshai-calib-") as tmp, _quiet():
+        cache = Path(tmp) / "ranges.json"
+        src = _saved(model, tmp)
+        try:
+            quantize_static(
+                src,
+                Path(tmp) / "q.onnx",
+                _Reader(samples, progress),  # type: ignore[arg-type]
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                calibration_cache_path=cache,
+            )
+        except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
+            raise InferenceError(f"calibration failed: {exc}") from None
+        return Calibration(cache.read_bytes(), per_channel, len(samples))
+
+
+def quantize(model: onnx.ModelProto, cal: Calibration, ops: Sequence[str] | None = None) -> onnx.ModelProto:
+    """The QDQ int8 variant of ``model`` (the calibrated model or a stage cut from it) from the ranges in
+    ``cal``; with ``ops``, only those nodes are quantized (the rest stay fp32)."""
+    from onnxruntime.quantization import QuantFormat, quantize_static
+
+    if ops is not None and not ops:
+        return model
+    with tempfile.TemporaryDirectory(prefix="meshai-quant-") as tmp, _quiet():
+        cache = Path(tmp) / "ranges.json"
+        cache.write_bytes(cal.data)
+        out = Path(tmp) / "q.onnx"
+        src = _saved(model, tmp)
+        try:
+            quantize_static(
+                src,
+                out,
+                None,
+                quant_format=QuantFormat.QDQ,
+                per_channel=cal.per_channel,
+                nodes_to_quantize=list(ops) if ops is not None else None,
+                calibration_cache_path=cache,
+            )
+        except (ValueError, RuntimeError, KeyError) as exc:
+            raise InferenceError(f"int8 quantization failed: {exc}") from None
+        return onnx.load(str(out))
+
+
+def quantizable_ops(model: onnx.ModelProto) -> list[str]:
+    """Names of the nodes whose weights or activations int8 quantization changes, in graph order."""
+    return [n.name for n in model.graph.node if n.op_type in QUANT_OP_TYPES]
+
+
+def run_model(model: onnx.ModelProto | bytes, samples: Sequence[Mapping[str, np.ndarray]]) -> list[Tensors]:
+    """Every sample through one onnxruntime session (CPU); outputs by name."""
+    from nodes.executor import StageSession
+
+    sess = StageSession(model if isinstance(model, bytes) else model.SerializeToString())
+    return [sess.run(s) for s in samples]
+
+
+def timed_ms(model: onnx.ModelProto | bytes, samples: Sequence[Mapping[str, np.ndarray]], repeats: int = 3) -> float:
+    """Median milliseconds per sample over ``repeats`` passes (after one warm-up pass)."""
+    from nodes.executor import StageSession
+
+    sess = StageSession(model if isinstance(model, bytes) else model.SerializeToString())
+    for s in samples[:2]:
+        sess.run(s)
+    per: list[float] = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for s in samples:
+            sess.run(s)
+        per.append((time.perf_counter() - t0) * 1e3 / len(samples))
+    return float(np.median(per))
+
+
+def top1(outputs: Sequence[Mapping[str, np.ndarray]], name: str | None = None) -> np.ndarray:
+    """The arg-max class of each sample's output ``name`` (default: the first output), one int per
+    sample row (a sample of batch B gives B rows)."""
+    if not outputs:
+        return np.zeros(0, np.int64)
+    key = name or next(iter(outputs[0]))
+    rows = [np.asarray(o[key]).reshape(-1, np.asarray(o[key]).shape[-1]) for o in outputs]
+    return np.concatenate([np.argmax(r, axis=-1) for r in rows])
+
+
+def accuracy_pts(outputs: Sequence[Mapping[str, np.ndarray]], labels: np.ndarray) -> float:
+    """Top-1 accuracy in percent against ``labels`` (one per output row)."""
+    pred = top1(outputs)
+    lab = np.asarray(labels).reshape(-1)
+    if pred.shape != lab.shape:
+        raise ConfigError(f"{lab.size} labels for {pred.size} predictions")
+    return float(np.mean(pred == lab) * 100.0)
+
+
+def drop_pts(
+    ref: Sequence[Mapping[str, np.ndarray]],
+    got: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None = None,
+) -> float:
+    """The accuracy lost going from ``ref`` (fp32) to ``got``, in points: accuracy delta with labels,
+    else top-1 disagreement with ``ref``.  Negative when int8 happens to score better."""
+    if labels is not None:
+        return accuracy_pts(ref, labels) - accuracy_pts(got, labels)
+    a, b = top1(ref), top1(got)
+    return float(np.mean(a != b) * 100.0) if a.size else 0.0
+
+
+@dataclass
+class QuantProfile:
+    """What int8 costs, measured: the whole int8 model's drop and each quantizable op's on its own."""
+
+    metric: str  # "accuracy" (labels) or "agreement" (top-1 vs fp32)
+    samples: int
+    whole_drop_pts: float
+    op_drop_pts: dict[str, float] = field(default_factory=dict)
+    fp32_accuracy: float | None = None
+    int8_accuracy: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric,
+            "samples": self.samples,
+            "whole_drop_pts": self.whole_drop_pts,
+            "op_drop_pts": dict(self.op_drop_pts),
+            "fp32_accuracy": self.fp32_accuracy,
+            "int8_accuracy": self.int8_accuracy,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QuantProfile:
+        return cls(
+            metric=str(d["metric"]),
+            samples=int(d["samples"]),
+            whole_drop_pts=float(d["whole_drop_pts"]),
+            op_drop_pts={str(k): float(v) for k, v in dict(d["op_drop_pts"]).items()},
+            fp32_accuracy=None if d.get("fp32_accuracy") is None else float(d["fp32_accuracy"]),
+            int8_accuracy=None if d.get("int8_accuracy") is None else float(d["int8_accuracy"]),
+        )
+
+
+def measure(
+    model: onnx.ModelProto,
+    cal: Calibration,
+    samples: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None = None,
+    *,
+    per_op: bool = True,
+    progress: Callable[[], None] | None = None,
+) -> QuantProfile:
+    """Measure int8's cost on ``samples``: the whole int8 model, and (``per_op``) each quantizable op
+    quantized alone.  ``progress()`` is called once per model variant run."""
+    _check_samples(model, samples, "evaluation data")
+    ref = run_model(model, samples)
+    whole = run_model(quantize(model, cal), samples)
+    if progress is not None:
+        progress()
+    prof = QuantProfile(
+        metric="accuracy" if labels is not None else "agreement",
+        samples=len(samples),
+        whole_drop_pts=round(drop_pts(ref, whole, labels), 4),
+    )
+    if labels is not None:
+        prof.fp32_accuracy = round(accuracy_pts(ref, labels), 4)
+        prof.int8_accuracy = round(accuracy_pts(whole, labels), 4)
+    if per_op:
+        for op in quantizable_ops(model):
+            got = run_model(quantize(model, cal, [op]), samples)
+            prof.op_drop_pts[op] = round(drop_pts(ref, got, labels), 4)
+            if progress is not None:
+                progress()
+    return prof
+
+
+def mixed_drop_pts(
+    model: onnx.ModelProto,
+    cal: Calibration,
+    int8_ops: Sequence[str],
+    samples: Sequence[Mapping[str, np.ndarray]],
+    labels: np.ndarray | None = None,
+) -> float:
+    """The measured drop of ``model`` with exactly ``int8_ops`` in int8 (a mixed-precision plan)."""
+    ref = run_model(model, samples)
+    got = run_model(quantize(model, cal, list(int8_ops)), samples)
+    return round(drop_pts(ref, got, labels), 4)
