@@ -33,7 +33,14 @@ from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiEr
 from meshai.peers import PeerPool
 from meshai.pipeline import Pipeline, stage_deployment_id
 from meshai.plan import Constraints, Plan
-from meshai.planning import LoadedModel, load_for_planning, make_plan, stage_models
+from meshai.planning import (
+    LoadedModel,
+    Quantization,
+    load_for_planning,
+    make_plan,
+    plan_measured,
+    stage_models,
+)
 from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
 from meshai.transport import Channel
 
@@ -213,16 +220,24 @@ class Mesh:
         pins: Mapping[str, str] | None = None,
         nodes: Sequence[str] | None = None,
         batch: int = 1,
+        quantization: Quantization | None = None,
+        max_accuracy_drop: float | None = None,
     ) -> tuple[Plan, LoadedModel]:
-        """Plan ``model`` over the connected nodes (pure planner; nothing is deployed)."""
+        """Plan ``model`` over the connected nodes (pure planner; nothing is deployed).
+
+        With ``quantization`` (``meshai.planning.prepare_quantization``) stages may run int8 where the
+        measured accuracy cost stays within ``max_accuracy_drop`` points."""
         loaded = model if isinstance(model, LoadedModel) else load_for_planning(model, batch=batch)
         self._models[loaded.name] = loaded
         caps = self.capabilities(nodes)
         if not caps:
             raise PeerError("no nodes connected: call wait_for_peers() first")
-        return make_plan(
-            loaded, caps, Constraints(objective=objective, stages=stages, pins=dict(pins or {}))
-        ), loaded
+        constraints = Constraints(
+            objective=objective, stages=stages, pins=dict(pins or {}), max_accuracy_drop=max_accuracy_drop
+        )
+        if quantization is not None:
+            return plan_measured(loaded, caps, constraints, quantization), loaded
+        return make_plan(loaded, caps, constraints), loaded
 
     def _tensor_bytes(self, plan: Plan, model: LoadedModel | None) -> dict[str, int] | None:
         """Sizes of the tensors a plan moves (at the planning batch), for bandwidth accounting."""

@@ -6,7 +6,12 @@ Schema (the contract in ARCHITECTURE.md, plus extra keys):
 ``{"objective", "model", "inputs", "outputs", "pins",
    "stages": [{"id", "node", "accelerator", "precision", "ops", "const_ops", "inputs", "outputs",
                "routes", "predicted_ms", "param_bytes", "memory_bytes", "bytes_out"}],
-   "predicted": {"latency_ms", "bottleneck_ms", "transfer_bytes", "energy_mj"}}``
+   "predicted": {"latency_ms", "bottleneck_ms", "transfer_bytes", "energy_mj"[, "accuracy_drop_pts"]},
+   "notes": [...]}``
+
+``accuracy_drop_pts`` is present when some stage runs int8: the accuracy the plan's int8 stages cost, in
+points (predicted by the planner from per-op measurements; replaced by the measured figure once the
+mixed-precision plan has been run on evaluation data).  ``notes`` say what the planner left out and why.
 
 ``ops`` are the ONNX node names a stage computes; ``const_ops`` the constant-only nodes (weights in
 disguise) it carries with it.  ``routes`` maps each output tensor to the stage ids that consume it;
@@ -94,15 +99,19 @@ class Predicted:
     bottleneck_ms: float
     transfer_bytes: int
     energy_mj: float
+    accuracy_drop_pts: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {
+        d: dict[str, Any] = {
             "latency_ms": self.latency_ms,
             "bottleneck_ms": self.bottleneck_ms,
             "transfer_bytes": self.transfer_bytes,
             "energy_mj": self.energy_mj,
         }
+        if self.accuracy_drop_pts is not None:
+            d["accuracy_drop_pts"] = self.accuracy_drop_pts
+        return d
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +125,7 @@ class Plan:
     inputs: tuple[str, ...] = ()
     outputs: tuple[str, ...] = ()
     pins: Mapping[str, str] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -145,6 +155,7 @@ class Plan:
             "pins": dict(self.pins),
             "stages": [s.to_dict() for s in self.stages],
             "predicted": self.predicted.to_dict(),
+            "notes": list(self.notes),
         }
 
     def to_json(self, indent: int | None = None) -> str:
@@ -164,11 +175,15 @@ class Plan:
                     bottleneck_ms=float(p["bottleneck_ms"]),
                     transfer_bytes=int(p["transfer_bytes"]),
                     energy_mj=float(p["energy_mj"]),
+                    accuracy_drop_pts=(
+                        None if p.get("accuracy_drop_pts") is None else float(p["accuracy_drop_pts"])
+                    ),
                 ),
                 model=str(d.get("model", "")),
                 inputs=tuple(str(t) for t in d.get("inputs", ())),
                 outputs=tuple(str(t) for t in d.get("outputs", ())),
                 pins={str(k): str(v) for k, v in dict(d.get("pins", {})).items()},
+                notes=tuple(str(n) for n in d.get("notes", ())),
             )
         except KeyError as exc:
             raise PlanError(f"plan is missing key {exc.args[0]!r}") from None
@@ -201,6 +216,12 @@ class Constraints:
     speed: Mapping[str, float] = field(default_factory=dict)
     caller_bandwidth_bps: float = 1e9 / 8
     caller_latency_s: float = 0.2e-3
+    # precision chosen with placement: the measured accuracy cost (points) of each op run in int8 on
+    # its own and of the whole int8 model, and the budget a plan's int8 stages must stay within
+    int8_drop_pts: Mapping[str, float] | None = None
+    whole_int8_drop_pts: float | None = None
+    max_accuracy_drop: float | None = None
+    int8_blocked: str = ""  # set by the planner: which constraint ruled int8 out, for its messages
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -210,3 +231,6 @@ class Constraints:
         for n, f in self.speed.items():
             if not f > 0:
                 raise PlanError(f"measured speed factor of node {n!r} must be > 0, got {f!r}")
+        budget = self.max_accuracy_drop
+        if budget is not None and not (budget >= 0 and budget < float("inf")):
+            raise PlanError(f"--max-accuracy-drop must be a number of points >= 0, got {budget!r}")

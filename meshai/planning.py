@@ -6,20 +6,26 @@ scheduler to model files and device profiles.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 
 from meshai.capabilities import NodeCapability, load_profiles, parse_profile_list, resolve_profiles, swarm
-from meshai.errors import ConfigError
+from meshai.errors import ConfigError, DeploymentError
 from meshai.models import load_model, model_name, resolve_model
 from meshai.plan import Constraints, Plan
 from scheduler.extract import extract_plan, stage_types
 from scheduler.graph import GraphIR, build_graph, normalize_model
 from scheduler.partition import plan as partition
+
+if TYPE_CHECKING:
+    from scheduler.quantize import Calibration, QuantProfile
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +36,7 @@ class LoadedModel:
     model: onnx.ModelProto
     graph: GraphIR
     source_sha256: str = ""  # of the model file as given (what a package's manifest lists)
+    calibration: Calibration | None = None  # tensor ranges: int8 stages are quantized from these
 
 
 def load_for_planning(spec: str | os.PathLike[str], batch: int = 1) -> LoadedModel:
@@ -69,8 +76,151 @@ def make_plan(loaded: LoadedModel, nodes: Sequence[NodeCapability], constraints:
 
 
 def stage_models(loaded: LoadedModel, plan: Plan) -> list[onnx.ModelProto]:
-    """One ONNX model per stage of ``plan``."""
-    return extract_plan(loaded.model, loaded.graph, plan)
+    """One ONNX model per stage of ``plan``; int8 stages quantized from the model's calibration."""
+    models = extract_plan(loaded.model, loaded.graph, plan)
+    out = []
+    for stage, m in zip(plan.stages, models, strict=True):
+        if stage.precision == "int8":
+            if loaded.calibration is None:
+                raise DeploymentError(
+                    f"stage {stage.id} runs int8 but model {loaded.name!r} carries no calibration "
+                    "(plan and deploy it with --calibration)"
+                )
+            from scheduler.quantize import quantize
+
+            m = quantize(m, loaded.calibration)
+        out.append(m)
+    return out
+
+
+# ------------------------------------------------------------------------- precision with placement
+
+#: How many times a plan is re-made when its measured accuracy drop exceeds the prediction.
+MEASURE_ROUNDS = 4
+
+
+@dataclass
+class Quantization:
+    """What planning with int8 needs: the calibration, the evaluation data and int8's measured cost."""
+
+    calibration: Calibration
+    samples: list[dict[str, np.ndarray]]
+    labels: np.ndarray | None
+    profile: QuantProfile
+
+    def constraints(self, base: Constraints, budget: float | None) -> Constraints:
+        """``base`` with the int8 variant and its measured figures."""
+        return dataclasses.replace(
+            base,
+            precisions=tuple(dict.fromkeys((*base.precisions, "int8"))),
+            int8_drop_pts=dict(self.profile.op_drop_pts),
+            whole_int8_drop_pts=self.profile.whole_drop_pts,
+            max_accuracy_drop=budget,
+        )
+
+
+def read_samples(
+    path: str | os.PathLike[str], names: Sequence[str], what: str
+) -> list[dict[str, np.ndarray]]:
+    """Samples (one feed dict each) from one npz or a directory of them (ARCHITECTURE.md layout)."""
+    from meshai.batch_cli import read_inputs
+    from meshai.tensors import request_slices
+
+    if not Path(path).exists():
+        raise ConfigError(f"{what} {str(path)!r} does not exist")
+    samples = request_slices(read_inputs(Path(path), list(names)))
+    if not samples:
+        raise ConfigError(f"{what} {str(path)!r} holds no samples")
+    return samples
+
+
+def read_labels(path: str | os.PathLike[str], count: int) -> np.ndarray:
+    """The ``labels`` array of an npz, one per evaluation sample row."""
+    from meshai.tensors import load_npz
+
+    labels = load_npz(path, ["labels"])["labels"].reshape(-1)
+    if labels.size != count:
+        raise ConfigError(f"--labels {str(path)!r} holds {labels.size} labels for {count} evaluation rows")
+    return labels
+
+
+def prepare_quantization(
+    loaded: LoadedModel,
+    calibration: str,
+    eval_data: str | None = None,
+    labels: str | None = None,
+    per_channel: bool = False,
+) -> tuple[LoadedModel, Quantization]:
+    """Calibrate (or load a calibration JSON), then measure int8's cost on the evaluation data (the
+    calibration samples when none is given), with progress bars.  Returns the model carrying its
+    calibration and the figures the planner needs."""
+    from meshai.progress import Progress
+    from scheduler.quantize import Calibration, calibrate, measure, quantizable_ops, top1
+
+    inputs = list(loaded.graph.inputs)
+    if labels and not eval_data:
+        raise ConfigError("--labels needs --eval (the samples they label)")
+    cal_samples: list[dict[str, np.ndarray]] = []
+    if str(calibration).endswith(".json"):
+        cal = Calibration.load(calibration)
+    else:
+        cal_samples = read_samples(calibration, inputs, "--calibration")
+        with Progress("calibrating", len(cal_samples)) as bar:
+            cal = calibrate(loaded.model, cal_samples, per_channel=per_channel, progress=bar.advance)
+    samples = read_samples(eval_data, inputs, "--eval") if eval_data else cal_samples
+    if not samples:
+        raise ConfigError("--calibration is a calibration file: name --eval samples to measure int8 on")
+    lab = None
+    if labels:
+        from scheduler.quantize import run_model
+
+        lab = read_labels(labels, top1(run_model(loaded.model, samples[:1])).size * len(samples))
+    with Progress("measuring int8", 1 + len(quantizable_ops(loaded.model))) as bar:
+        profile = measure(loaded.model, cal, samples, lab, progress=bar.advance)
+    return dataclasses.replace(loaded, calibration=cal), Quantization(cal, samples, lab, profile)
+
+
+def plan_measured(
+    loaded: LoadedModel, nodes: Sequence[NodeCapability], constraints: Constraints, q: Quantization
+) -> Plan:
+    """Plan precision with placement, then check the plan's int8 stages on the evaluation data: a
+    measured drop over the budget is charged to the plan's int8 ops and the planner runs again (at most
+    MEASURE_ROUNDS times), so the budget holds for what was measured, not only for what was predicted."""
+    from scheduler.precision import DEFAULT_BUDGET_PTS
+    from scheduler.quantize import mixed_drop_pts
+
+    budget = constraints.max_accuracy_drop
+    limit = DEFAULT_BUDGET_PTS if budget is None else budget
+    c = q.constraints(constraints, budget)
+    drops = dict(c.int8_drop_pts or {})
+    for _ in range(MEASURE_ROUNDS):
+        plan = partition(loaded.graph, nodes, c)
+        int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
+        if not int8_ops:
+            return plan
+        measured = mixed_drop_pts(loaded.model, q.calibration, int8_ops, q.samples, q.labels)
+        predicted = plan.predicted.accuracy_drop_pts or 0.0
+        note = (
+            f"int8 stages measured on {len(q.samples)} samples: {measured:g} points of "
+            f"{q.profile.metric} lost (predicted {predicted:g}, budget {limit:g})"
+        )
+        if measured <= limit:
+            pred = dataclasses.replace(plan.predicted, accuracy_drop_pts=measured)
+            return dataclasses.replace(plan, predicted=pred, notes=(*plan.notes, note))
+        charged = [o for o in int8_ops if o in drops] or int8_ops
+        extra = (measured - predicted) / len(charged) + 1e-6
+        for o in charged:
+            drops[o] = drops.get(o, 0.0) + extra
+        c = dataclasses.replace(c, int8_drop_pts=dict(drops))
+    c = dataclasses.replace(c, max_accuracy_drop=0.0)
+    plan = partition(loaded.graph, nodes, c)
+    note = f"int8 kept missing the accuracy budget when measured ({MEASURE_ROUNDS} tries): planned without it"
+    return dataclasses.replace(plan, notes=(*plan.notes, note))
+
+
+def quant_report(q: Quantization) -> dict[str, Any]:
+    """What was measured, for a command's JSON."""
+    return {**q.profile.to_dict(), "calibration_samples": q.calibration.samples}
 
 
 def check_plan(loaded: LoadedModel, plan: Plan, inputs: Mapping[str, np.ndarray]) -> float:

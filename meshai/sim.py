@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,6 +68,12 @@ class SimOptions:
     ray_address: str | None = None
     ray_actors: int = 2
     ray_cpus: int = 2
+    # precision with placement: int8 stages where the measured accuracy cost fits the budget
+    calibration: str | None = None
+    eval: str | None = None
+    labels: str | None = None
+    max_accuracy_drop: float | None = None
+    per_channel: bool = False
 
     def __post_init__(self) -> None:
         if self.offload not in (None, "ray"):
@@ -298,12 +304,24 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
 
     resolve_profiles(profiles, load_profiles(opts.profiles_file) if opts.profiles_file else None)
     loaded = load_for_planning(opts.model, batch=opts.batch)  # fail on a bad model before starting anything
-    requests = _requests(opts, loaded)
+    quant = None
+    if opts.calibration:
+        from meshai.planning import prepare_quantization
+
+        loaded, quant = prepare_quantization(
+            loaded, opts.calibration, opts.eval, opts.labels, opts.per_channel
+        )
+    elif opts.eval or opts.labels or opts.max_accuracy_drop is not None:
+        raise ConfigError("--eval, --labels and --max-accuracy-drop apply only with --calibration")
+    if quant is not None and opts.eval and not opts.inputs:
+        requests = quant.samples[: opts.requests]  # evaluation samples, so that labels can score them
+    else:
+        requests = _requests(opts, loaded)
     names = [f"n{i}" for i in range(opts.nodes)]
     mesh_id = secrets.token_hex(4)
     work = Path(tempfile.mkdtemp(prefix="meshai-sim-secrets-"))
     try:
-        return await _run_sim(opts, loaded, requests, profiles, names, mesh_id, work)
+        return await _run_sim(opts, loaded, requests, profiles, names, mesh_id, work, quant)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -339,13 +357,19 @@ class MeshSecrets:
             self.recipients[name] = ident.x25519_public
         return out
 
-    def package(self, model_path: Path, model_name: str, version: str = "1") -> tuple[bytes, str]:
-        """The model as a package signed with the fleet key, encrypted for every node issued so far."""
+    def package(
+        self, model_path: Path, model_name: str, version: str = "1", extra: Mapping[str, bytes] | None = None
+    ) -> tuple[bytes, str]:
+        """The model (plus ``extra`` files, e.g. its calibration) as a package signed with the fleet
+        key, encrypted for every node issued so far."""
         from meshai.packages import build_package, sign_package
 
         name = re.sub(r"[^A-Za-z0-9._-]", "-", model_name)[:60] or "model"
         out = self.work / f"{name}-{version}.pkg"
-        build_package([model_path], name, version, out, encrypt_for=dict(self.recipients))
+        files: list[Path] | dict[str, bytes] = [model_path]
+        if extra:
+            files = {model_path.name: model_path.read_bytes(), **extra}
+        build_package(files, name, version, out, encrypt_for=dict(self.recipients))
         sign_package(out, self.key)
         return out.read_bytes(), f"{name}@{version}"
 
@@ -362,6 +386,7 @@ async def _run_sim(
     names: list[str],
     mesh_id: str,
     work: Path,
+    quant: Any = None,
 ) -> dict[str, Any]:
     from meshai.models import resolve_model
 
@@ -374,7 +399,12 @@ async def _run_sim(
         for n in names:
             sec.issue(n)
         identities, client = sec.identities, sec.client
-        package = sec.package(resolve_model(opts.model), loaded.name)
+        extra_files = {}
+        if loaded.calibration is not None:
+            from scheduler.quantize import CALIBRATION_FILE
+
+            extra_files[CALIBRATION_FILE] = loaded.calibration.to_bytes()
+        package = sec.package(resolve_model(opts.model), loaded.name, extra=extra_files)
         extra = sec.node_args()
     with contextlib.ExitStack() as stack:
         ray_model = _start_ray(opts, loaded, stack)  # before the swarm: Ray's start-up blocks for seconds
@@ -382,7 +412,7 @@ async def _run_sim(
             NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities)
         )
         return await _run_swarm(
-            opts, loaded, requests, profiles, names, mesh_id, procs, ray_model, client, package
+            opts, loaded, requests, profiles, names, mesh_id, procs, ray_model, client, package, quant
         )
     raise AssertionError("unreachable")
 
@@ -412,6 +442,7 @@ async def _run_swarm(
     ray_model: Any,
     client: Path | None,
     package: tuple[bytes, str] | None,
+    quant: Any = None,
 ) -> dict[str, Any]:
     from meshai.mesh import Mesh
     from meshai.tensors import max_abs_diff, save_npz, stack_requests
@@ -431,7 +462,15 @@ async def _run_swarm(
                     procs.check_alive()
                     raise
         discovery_s = time.monotonic() - procs.started_at
-        plan, _ = mesh.plan(loaded, objective=opts.objective, stages=opts.stages, pins=opts.pins, nodes=names)
+        plan, _ = mesh.plan(
+            loaded,
+            objective=opts.objective,
+            stages=opts.stages,
+            pins=opts.pins,
+            nodes=names,
+            quantization=quant,
+            max_accuracy_drop=opts.max_accuracy_drop,
+        )
         results: list[dict[str, np.ndarray] | BaseException] = []
         async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
             # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
@@ -501,9 +540,50 @@ async def _run_swarm(
         "model": loaded.name,
         "offload": overflow,
     }
+    if quant is not None:
+        report["precision"] = _precision_report(loaded, plan, quant, requests, results)
     if first_error:
         report["first_error"] = first_error
     return report
+
+
+def _precision_report(
+    loaded: Any,
+    plan: Any,
+    quant: Any,
+    requests: list[dict[str, np.ndarray]],
+    results: list[dict[str, np.ndarray] | BaseException],
+) -> dict[str, Any]:
+    """What int8 stages did to this run: the outputs against the planned mixed-precision model run
+    whole here (``max_abs_diff_mixed``: the pipeline computes exactly what was planned), how far that
+    model itself is from fp32 (``expected_max_abs_diff``), and with labels the accuracy delta."""
+    from meshai.tensors import max_abs_diff
+    from scheduler.quantize import accuracy_pts, quantize, run_model
+
+    int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
+    mixed = quantize(loaded.model, quant.calibration, int8_ops) if int8_ops else loaded.model
+    want = run_model(mixed, requests)
+    fp32 = run_model(loaded.model, requests)
+    ok = [(i, r) for i, r in enumerate(results) if not isinstance(r, BaseException)]
+    out: dict[str, Any] = {
+        "stages": {str(s.id): s.precision for s in plan.stages},
+        "int8_ops": len(int8_ops),
+        "max_abs_diff_mixed": max((max_abs_diff(r, want[i]) for i, r in ok), default=0.0),
+        "expected_max_abs_diff": max((max_abs_diff(want[i], fp32[i]) for i, _ in ok), default=0.0),
+        "planned_accuracy_drop_pts": plan.predicted.accuracy_drop_pts,
+        "metric": quant.profile.metric,
+        "fp32_accuracy": None,
+        "accuracy": None,
+        "accuracy_delta_pts": None,
+    }
+    if quant.labels is not None and len(ok) == len(results):
+        rows = quant.labels.size // len(quant.samples)
+        labels = quant.labels[: rows * len(requests)]
+        got = [r for _, r in ok]
+        out["fp32_accuracy"] = round(accuracy_pts(fp32, labels), 4)
+        out["accuracy"] = round(accuracy_pts(got, labels), 4)
+        out["accuracy_delta_pts"] = round(out["fp32_accuracy"] - out["accuracy"], 4)
+    return out
 
 
 def _policy(opts: SimOptions) -> Any:

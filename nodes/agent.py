@@ -165,7 +165,8 @@ class NodeAgent:
                 )
         self._store: ModelStore | None = None
         self._store_tmp: str | None = None
-        self._package_graphs: dict[str, tuple[Any, Any]] = {}  # ref -> (normalized model, GraphIR)
+        # ref -> (normalized model, GraphIR, calibration JSON or None)
+        self._package_graphs: dict[str, tuple[Any, Any, bytes | None]] = {}
         self.pool: PeerPool = _NodePool(self)
         self._stop = asyncio.Event()
         self.started_at = time.time()
@@ -402,6 +403,7 @@ class NodeAgent:
         from meshai.packages import parse_package_ref
         from scheduler.extract import extract_cut
         from scheduler.graph import build_graph, normalize_model
+        from scheduler.quantize import CALIBRATION_FILE
 
         store = self._require_store()
         name, version = parse_package_ref(msg.package)
@@ -410,12 +412,22 @@ class NodeAgent:
         if cached is None:
             opened = store.open(name, version)  # verified, decrypted into memory only
             whole = normalize_model(model_from_bytes(opened.model(), f"package {msg.package}"))
-            cached = (whole, build_graph(whole, name))
+            cal = opened.files.get(CALIBRATION_FILE)
+            cached = (whole, build_graph(whole, name), cal)
             self._package_graphs = {msg.package: cached}  # keep one whole model in memory at most
-        whole, graph = cached
+        whole, graph, cal = cached
         ins = msg.cut_inputs or msg.inputs
         outs = msg.cut_outputs or msg.outputs
-        return extract_cut(whole, graph, ins, outs, f"stage{msg.stage_id}_{self.name}")
+        stage = extract_cut(whole, graph, ins, outs, f"stage{msg.stage_id}_{self.name}")
+        if msg.options.get("precision") != "int8":
+            return stage
+        if cal is None:
+            raise DeploymentError(
+                f"{what} runs int8 but package {msg.package} carries no {CALIBRATION_FILE} to quantize it from"
+            )
+        from scheduler.quantize import Calibration, quantize
+
+        return quantize(stage, Calibration.from_bytes(cal, f"{CALIBRATION_FILE} of {msg.package}"))
 
     def _check_profile(self, msg: Deploy, model: Any) -> str:
         """Check a stage against this node's profile (ops, precision, memory); returns the precision."""

@@ -105,8 +105,18 @@ def choose_precision(node: NodeCapability, available: Sequence[str]) -> str | No
     return usable[0] if usable else None
 
 
-def build_context(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constraints) -> CostContext:
-    """Precompute op times per node and pins; unknown pins raise PlanError."""
+def build_context(
+    graph: GraphIR,
+    nodes: Sequence[NodeCapability],
+    constraints: Constraints,
+    precision: Sequence[str | None] | None = None,
+    int8_penalty_s: Sequence[float] | None = None,
+) -> CostContext:
+    """Precompute op times per node and pins; unknown pins raise PlanError.
+
+    ``precision`` overrides each node's precision (default: the fastest variant it runs);
+    ``int8_penalty_s[p]`` is added to op p's time on int8 nodes (the precision search's price on
+    accuracy, see ``scheduler.precision``)."""
     if not nodes:
         raise PlanError("no nodes to plan over")
     names = [n.name for n in nodes]
@@ -116,7 +126,9 @@ def build_context(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: 
     n_ops = len(graph.ops)
     if n_ops == 0:
         raise PlanError(f"model {graph.name!r} has no compute ops to place")
-    precision = tuple(choose_precision(n, constraints.precisions) for n in nodes)
+    if precision is None:
+        precision = tuple(choose_precision(n, constraints.precisions) for n in nodes)
+    precision = tuple(precision)
     op_s = np.full((n_ops, len(nodes)), INF)
     param = np.zeros(n_ops)
     for p, op in enumerate(graph.ops):
@@ -135,6 +147,8 @@ def build_context(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: 
                 continue
             touched = (op.act_bytes + param[p]) * scale
             op_s[p, d] = max(op.flops / flops, touched / bw) + prof.op_overhead_s
+            if prec == "int8" and int8_penalty_s is not None:
+                op_s[p, d] += int8_penalty_s[p]
     forced = np.full(n_ops, -1, dtype=np.int64)
     for tensor, node_name in sorted(constraints.pins.items()):
         if tensor not in graph.inputs:

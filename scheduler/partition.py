@@ -481,6 +481,15 @@ def _restarts(
     return best, best_ev
 
 
+def _int8_hint(constraints: Constraints) -> str:
+    """Why there is no int8 variant: none was built, or the accuracy budget rules it out."""
+    if constraints.int8_blocked:
+        return f"int8 is blocked by {constraints.int8_blocked}"
+    if "int8" in constraints.precisions:
+        return "the int8 variant exists"
+    return "an int8-only node needs a quantized variant (--calibration)"
+
+
 def _explain_infeasible(ctx: CostContext, usable: Sequence[int], last_reason: str) -> str:
     """Name the op, node and limit that make every plan impossible."""
     g = ctx.graph
@@ -496,7 +505,7 @@ def _explain_infeasible(ctx: CostContext, usable: Sequence[int], last_reason: st
         if skipped:
             more = (
                 f"; excluded: {'; '.join(skipped)}, and the model exists only as "
-                f"{', '.join(ctx.constraints.precisions)} (an int8-only node needs a quantized variant)"
+                f"{', '.join(ctx.constraints.precisions)} ({_int8_hint(ctx.constraints)})"
             )
         return (
             f"--stages {k} needs {k} nodes that can run the model, but only {len(usable)} can"
@@ -519,17 +528,28 @@ def _explain_infeasible(ctx: CostContext, usable: Sequence[int], last_reason: st
 def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constraints | None = None) -> Plan:
     """Partition ``graph`` over ``nodes``; the same inputs always give the same Plan.
 
-    Raises PlanError naming the op, node or limit when no plan satisfies the constraints.
+    With an int8 variant and its measured accuracy cost in ``constraints`` (``int8_drop_pts``),
+    precision is chosen together with placement (``scheduler.precision``).  Raises PlanError naming
+    the op, node or limit when no plan satisfies the constraints.
     """
     constraints = constraints or Constraints()
+    if constraints.int8_drop_pts is not None:
+        from scheduler.precision import plan_mixed
+
+        return plan_mixed(graph, nodes, constraints)
     ctx = build_context(graph, nodes, constraints)
-    names = [n.name for n in nodes]
+    return plan_from_evaluation(ctx, search(ctx), [n.name for n in nodes])
+
+
+def search(ctx: CostContext) -> Evaluation:
+    """The best feasible assignment for one cost context (fixed precisions); PlanError if none."""
+    graph, nodes, constraints = ctx.graph, ctx.nodes, ctx.constraints
     usable = [d for d in range(len(nodes)) if ctx.precision[d] is not None]
     if not usable:
         parts = [f"{n.name} ({n.kind}) runs only {', '.join(n.profile.precisions)}" for n in nodes]
         raise PlanError(
             f"no node can run any variant of the model (variants: {', '.join(constraints.precisions)}): "
-            f"{'; '.join(parts)}; an int8-only node needs a quantized variant"
+            f"{'; '.join(parts)}; {_int8_hint(constraints)}"
         )
     for p, op in enumerate(graph.ops):
         if not np.isfinite(ctx.op_s[p]).any():
@@ -575,7 +595,7 @@ def plan(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Constrain
             best, best_ev = _restarts(ctx, best, best_ev, usable, objective)
     if not best_ev.feasible:
         raise PlanError(_explain_infeasible(ctx, usable, best_ev.reason))
-    return plan_from_evaluation(ctx, best_ev, names)
+    return best_ev
 
 
 def plan_from_evaluation(ctx: CostContext, ev: Evaluation, names: Sequence[str] | None = None) -> Plan:

@@ -48,6 +48,8 @@ __all__ = [
 ]
 
 Tensors = dict[str, np.ndarray]
+#: The file a model package carries its calibration in (nodes quantize their int8 stages from it).
+CALIBRATION_FILE = "calibration.json"
 #: Op types onnxruntime's QDQ quantizer gives int8 weights or activations (the ones worth counting).
 QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -157,7 +159,7 @@ def calibrate(
             quantize_static(
                 src,
                 Path(tmp) / "q.onnx",
-                _Reader(samples, progress),  # type: ignore[arg-type]
+                _Reader(samples, progress),
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 calibration_cache_path=cache,
@@ -207,7 +209,9 @@ def run_model(model: onnx.ModelProto | bytes, samples: Sequence[Mapping[str, np.
     return [sess.run(s) for s in samples]
 
 
-def timed_ms(model: onnx.ModelProto | bytes, samples: Sequence[Mapping[str, np.ndarray]], repeats: int = 3) -> float:
+def timed_ms(
+    model: onnx.ModelProto | bytes, samples: Sequence[Mapping[str, np.ndarray]], repeats: int = 3
+) -> float:
     """Median milliseconds per sample over ``repeats`` passes (after one warm-up pass)."""
     from nodes.executor import StageSession
 
