@@ -270,13 +270,18 @@ class Mesh:
             self.pool.remember(node, peer.address)
         self._pipelines[pipe.stage_deployment] = pipe
         try:
+            wire = None
+            if any(s.precision == "int8" for s in plan.stages):
+                from scheduler.precision import int8_wire
+
+                wire = int8_wire(plan, self._model_for(plan, model).graph)
             if package is not None:
                 data, ref = package
                 await pipe.upload(data, ref)
-                await pipe.deploy(None, package=ref)
+                await pipe.deploy(None, package=ref, wire_int8=wire)
             else:
                 blobs = [m.SerializeToString() for m in stage_models(self._model_for(plan, model), plan)]
-                await pipe.deploy(blobs)
+                await pipe.deploy(blobs, wire_int8=wire)
         except BaseException:
             self._pipelines.pop(pipe.stage_deployment, None)
             raise

@@ -154,9 +154,11 @@ class Pipeline:
         stage_models: Sequence[bytes] | None,
         options: Mapping[str, Any] | None = None,
         package: str = "",
+        wire_int8: Mapping[int, Sequence[str]] | None = None,
     ) -> list[Deploy]:
         """One Deploy message per stage (what ``deploy`` sends): the stage's model bytes, or — with
-        ``package`` — a reference to a signed package the node holds plus the stage's cut tensors."""
+        ``package`` — a reference to a signed package the node holds plus the stage's cut tensors.
+        ``wire_int8`` names, per stage id, the boundary tensors it sends or receives as int8."""
         if package:
             stage_models = [b""] * len(self.plan.stages)
         if stage_models is None or len(stage_models) != len(self.plan.stages):
@@ -173,6 +175,7 @@ class Pipeline:
                     "addresses": addresses,
                     "predicted_ms": s.predicted_ms,
                     "precision": s.precision,
+                    "wire_int8": list((wire_int8 or {}).get(s.id, ())),
                     "to_entry": [t for t in s.outputs if t in self.plan.outputs],
                     "name": self.name,
                 }
@@ -219,11 +222,12 @@ class Pipeline:
         options: Mapping[str, Any] | None = None,
         timeout: float = 120.0,
         package: str = "",
+        wire_int8: Mapping[int, Sequence[str]] | None = None,
     ) -> None:
         """Send every stage to its node and wait until all are loaded; DeploymentError names a refusal.
 
         With ``package`` (a ref already uploaded), each node cuts its own stage out of the package."""
-        msgs = self.deploy_messages(stage_models, options, package)
+        msgs = self.deploy_messages(stage_models, options, package, wire_int8)
         loop = asyncio.get_running_loop()
         for m in msgs:
             self._deployed[m.stage_id] = loop.create_future()

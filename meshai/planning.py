@@ -78,6 +78,12 @@ def make_plan(loaded: LoadedModel, nodes: Sequence[NodeCapability], constraints:
 def stage_models(loaded: LoadedModel, plan: Plan) -> list[onnx.ModelProto]:
     """One ONNX model per stage of ``plan``; int8 stages quantized from the model's calibration."""
     models = extract_plan(loaded.model, loaded.graph, plan)
+    if not any(s.precision == "int8" for s in plan.stages):
+        return models
+    from scheduler.precision import int8_wire
+    from scheduler.quantize import quantize, wire_int8
+
+    wire = int8_wire(plan, loaded.graph)
     out = []
     for stage, m in zip(plan.stages, models, strict=True):
         if stage.precision == "int8":
@@ -86,9 +92,7 @@ def stage_models(loaded: LoadedModel, plan: Plan) -> list[onnx.ModelProto]:
                     f"stage {stage.id} runs int8 but model {loaded.name!r} carries no calibration "
                     "(plan and deploy it with --calibration)"
                 )
-            from scheduler.quantize import quantize
-
-            m = quantize(m, loaded.calibration)
+            m = wire_int8(quantize(m, loaded.calibration), wire[stage.id])
         out.append(m)
     return out
 

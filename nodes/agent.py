@@ -425,9 +425,11 @@ class NodeAgent:
             raise DeploymentError(
                 f"{what} runs int8 but package {msg.package} carries no {CALIBRATION_FILE} to quantize it from"
             )
-        from scheduler.quantize import Calibration, quantize
+        from scheduler.quantize import Calibration, quantize, wire_int8
 
-        return quantize(stage, Calibration.from_bytes(cal, f"{CALIBRATION_FILE} of {msg.package}"))
+        cal_ = Calibration.from_bytes(cal, f"{CALIBRATION_FILE} of {msg.package}")
+        wire = [str(t) for t in msg.options.get("wire_int8", ())]
+        return wire_int8(quantize(stage, cal_), wire)
 
     def _check_profile(self, msg: Deploy, model: Any) -> str:
         """Check a stage against this node's profile (ops, precision, memory); returns the precision."""

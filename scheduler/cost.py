@@ -47,7 +47,10 @@ class CostContext:
     caller: Link
     cache: dict[tuple[int, ...], Evaluation] = field(default_factory=dict, compare=False, repr=False)
     op_s_list: list[list[float]] = field(default_factory=list, compare=False, repr=False)
-    flows: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list, compare=False, repr=False)
+    # (producer op, bytes, consumer ops, bytes as int8 on the wire)
+    flows: list[tuple[int, int, tuple[int, ...], int]] = field(
+        default_factory=list, compare=False, repr=False
+    )
     input_flows: list[tuple[int, tuple[int, ...], int]] = field(
         default_factory=list, compare=False, repr=False
     )
@@ -61,7 +64,12 @@ class CostContext:
             for t in op.outputs:
                 cons = g.consumers.get(t, ())
                 if cons:
-                    self.flows.append((p, g.nbytes(t), cons))
+                    n = g.nbytes(t)
+                    info = g.tensors.get(t)
+                    wire8 = (
+                        n // 4 if info is not None and info.dtype == "float32" and t not in g.outputs else n
+                    )
+                    self.flows.append((p, n, cons, wire8))
         for t in g.inputs:
             pin = self.constraints.pins.get(t)
             self.input_flows.append(
@@ -266,9 +274,13 @@ def traffic(ctx: CostContext, assignment: Sequence[int]) -> Traffic:
     for p, d in enumerate(assignment):
         compute[d] = compute.get(d, 0.0) + op_s[p][d]
     pair: dict[tuple[int, int], int] = {}
-    for p, nbytes, cons in ctx.flows:
+    prec = ctx.precision
+    for p, nbytes, cons, wire8 in ctx.flows:
         a = assignment[p]
-        for b in {assignment[c] for c in cons}:
+        dests = {assignment[c] for c in cons}
+        if prec[a] == "int8" and all(prec[b] == "int8" for b in dests):
+            nbytes = wire8  # int8 stage to int8 stages only: sent quantized (scheduler.precision.int8_wire)
+        for b in dests:
             if b != a:
                 pair[(a, b)] = pair.get((a, b), 0) + nbytes
     from_caller: dict[int, int] = {}

@@ -35,7 +35,7 @@ from meshai.plan import Constraints, Plan
 from scheduler.cost import CostContext, Evaluation, build_context, choose_precision
 from scheduler.graph import GraphIR
 
-__all__ = ["DEFAULT_BUDGET_PTS", "plan_mixed", "predicted_drop"]
+__all__ = ["DEFAULT_BUDGET_PTS", "int8_wire", "plan_mixed", "predicted_drop"]
 
 #: The accuracy budget when int8 figures are given without ``max_accuracy_drop``.
 DEFAULT_BUDGET_PTS = 1.0
@@ -174,3 +174,24 @@ def plan_mixed(graph: GraphIR, nodes: Sequence[NodeCapability], constraints: Con
                 notes.append(
                     f"{nodes[d].name} runs {precision[d]}, not int8, to stay within the accuracy budget"
                 )
+
+
+def int8_wire(plan: Plan, graph: GraphIR) -> dict[int, list[str]]:
+    """Per stage id, the boundary tensors it sends or receives as int8: float32 tensors an int8 stage
+    sends only to int8 stages (a graph output stays fp32: the caller reads it).  The cost model
+    counts these at a quarter of their fp32 bytes (``scheduler.cost.traffic``)."""
+    precision = {s.id: s.precision for s in plan.stages}
+    wire: dict[int, list[str]] = {s.id: [] for s in plan.stages}
+    for s in plan.stages:
+        if s.precision != "int8":
+            continue
+        for t in s.outputs:
+            dests = s.routes.get(t, ())
+            info = graph.tensors.get(t)
+            if not dests or t in graph.outputs or info is None or info.dtype != "float32":
+                continue
+            if all(precision[d] == "int8" for d in dests):
+                wire[s.id].append(t)
+                for d in dests:
+                    wire[d].append(t)
+    return wire

@@ -336,3 +336,66 @@ def mixed_drop_pts(
     ref = run_model(model, samples)
     got = run_model(quantize(model, cal, list(int8_ops)), samples)
     return round(drop_pts(ref, got, labels), 4)
+
+
+def wire_int8(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """Let the stage ``model`` (already quantized) send or receive ``tensors`` as int8 on the wire.
+
+    An output T that the quantizer ends with ``Q → DQ → T`` loses its DequantizeLinear: the stage
+    sends Q's int8 result under the name T.  An input T whose only reader is ``Q(T)`` loses that
+    QuantizeLinear: the stage reads the int8 tensor T straight into the DequantizeLinear nodes.  Both
+    ends use the scale and zero point calibrated for T, so the result is what the two stages compute
+    with fp32 between them, at a quarter of the bytes.  InferenceError names a tensor that does not
+    follow either pattern."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    outputs = {o.name: o for o in g.output}
+    inputs = {i.name: i for i in g.input}
+    for t in tensors:
+        if t in outputs:
+            _wire_output(g, t, outputs[t])
+        elif t in inputs:
+            _wire_input(g, t, inputs[t])
+        else:
+            raise InferenceError(f"int8 wire: {t!r} is neither an input nor an output of the stage")
+    return m
+
+
+def _readers(g: onnx.GraphProto, t: str) -> list[onnx.NodeProto]:
+    return [n for n in g.node if t in n.input]
+
+
+def _set_int8(v: onnx.ValueInfoProto) -> None:
+    v.type.tensor_type.elem_type = onnx.TensorProto.INT8
+
+
+def _wire_output(g: onnx.GraphProto, t: str, out: onnx.ValueInfoProto) -> None:
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and list(n.output) == [t]), None)
+    q = None
+    if dq is not None:
+        q = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == dq.input[0]), None)
+    if dq is None or q is None or _readers(g, t):
+        raise InferenceError(
+            f"int8 wire: stage output {t!r} does not end in QuantizeLinear → DequantizeLinear"
+        )
+    q_out = q.output[0]
+    if any(n is not dq for n in _readers(g, q_out)):
+        raise InferenceError(f"int8 wire: the int8 form of {t!r} has other readers in the stage")
+    g.node.remove(dq)
+    q.output[0] = t
+    _set_int8(out)
+
+
+def _wire_input(g: onnx.GraphProto, t: str, inp: onnx.ValueInfoProto) -> None:
+    readers = _readers(g, t)
+    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        raise InferenceError(f"int8 wire: stage input {t!r} is not read by one QuantizeLinear alone")
+    q = readers[0]
+    q_out = q.output[0]
+    for n in g.node:
+        for i, name in enumerate(n.input):
+            if name == q_out:
+                n.input[i] = t
+    g.node.remove(q)
+    _set_int8(inp)
