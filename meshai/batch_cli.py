@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from meshai.argtypes import positive_int as _positive
 from meshai.errors import ConfigError
 from meshai.models import load_model, model_name
 from meshai.progress import Progress
@@ -30,16 +31,6 @@ from meshai.tensors import input_specs, load_npz, request_slices, save_npz, stac
 __all__ = ["add_batch_parser", "cmd_batch", "read_inputs"]
 
 P = TypeVar("P", bound=argparse.ArgumentParser)
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
 
 
 def read_inputs(path: str | Path, names: Sequence[str]) -> dict[str, np.ndarray]:

@@ -1122,6 +1122,158 @@ def pipeline_table(res: dict[str, Any]) -> str:
     )
 
 
+# ------------------------------------------------------------------------------------ quantize
+
+#: CPU features that decide whether int8 kernels beat fp32 ones (VNNI: int8 dot products).
+INT8_CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni")
+
+
+def _int8_cpu_flags() -> list[str]:
+    """Which of ``INT8_CPU_FLAGS`` this CPU has ([] where /proc/cpuinfo is unreadable)."""
+    try:
+        words = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return []
+    return [f for f in INT8_CPU_FLAGS if f in words]
+
+
+def _quant_row(
+    name: str,
+    model: Any,
+    calibration: Sequence[dict[str, np.ndarray]],
+    samples: Sequence[dict[str, np.ndarray]],
+    labels: np.ndarray | None,
+    work: Path,
+    timing_samples: int,
+) -> dict[str, Any]:
+    """Both weight layouts (per-tensor, per-channel) measured; the row is the more accurate one
+    (ties: the smaller file), the other listed under ``variants``."""
+    import onnx
+
+    from meshai.quantize_cli import compare_int8
+    from scheduler.quantize import calibrate, quantize, run_model
+
+    fp32_path = work / f"{name}.onnx"
+    onnx.save(model, str(fp32_path))
+    ref = run_model(model, samples)
+    variants: list[dict[str, Any]] = []
+    for per_channel in (False, True):
+        int8 = quantize(model, calibrate(model, calibration, per_channel=per_channel))
+        int8_path = work / f"{name}.{'pc' if per_channel else 'pt'}.int8.onnx"
+        onnx.save(int8, str(int8_path))
+        fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
+        row: dict[str, Any] = {
+            "model": name,
+            "per_channel": per_channel,
+            "fp32_bytes": fp32_bytes,
+            "int8_bytes": int8_bytes,
+            "size_ratio": round(fp32_bytes / int8_bytes, 3),
+            "calibration_samples": len(calibration),
+            "eval_samples": len(samples),
+        }
+        row.update(compare_int8(model, int8, samples, labels, timing_samples, ref=ref))
+        variants.append(row)
+
+    def cost(r: dict[str, Any]) -> tuple[float, int]:
+        lost = r["accuracy_delta_pts"] if r["accuracy_delta_pts"] is not None else 100.0 - r["agreement_pts"]
+        return float(lost), int(r["int8_bytes"])
+
+    best = min(variants, key=cost)
+    keys = ("per_channel", "size_ratio", "int8_bytes", "accuracy_delta_pts", "agreement_pts", "int8_ms")
+    return {**best, "variants": [{k: v[k] for k in keys} for v in variants]}
+
+
+def bench_quantize(seed: int = 0) -> dict[str, Any]:
+    """Static int8 (QDQ, onnxruntime) on two models with real weights: the digits MLP (trained here,
+    labelled held-out split: accuracy delta) and a random-weight CNN (random inputs, no labels:
+    ``accuracy_delta_pts`` None, top-1 agreement instead).  File sizes, ms per sample (one thread)."""
+    import onnxruntime
+
+    from meshai.cnn import small_cnn
+    from meshai.digits import train_digits
+    from meshai.models import load_model
+    from meshai.tensors import load_npz, random_inputs, request_slices
+
+    with tempfile.TemporaryDirectory(prefix="meshai-bench-quant-") as tmp:
+        work = Path(tmp)
+        with Progress("quantize", total=2) as bar:
+            case = train_digits(work / "digits", seed=seed)
+            digits = _quant_row(
+                "digits",
+                load_model(case.model),
+                request_slices(load_npz(case.calibration)),
+                request_slices(load_npz(case.eval)),
+                load_npz(case.labels, ["labels"])["labels"],
+                work,
+                timing_samples=200,
+            )
+            bar.advance()
+            cnn = small_cnn(seed)
+            small = _quant_row(
+                "small_cnn",
+                cnn,
+                request_slices(random_inputs(cnn, requests=64, seed=seed)),
+                request_slices(random_inputs(cnn, requests=300, seed=seed + 1)),
+                None,
+                work,
+                timing_samples=40,
+            )
+            bar.advance()
+    return {
+        "rows": [digits, small],
+        "format": "qdq",
+        "digits_fp32_accuracy": case.fp32_accuracy,
+        "cpus": os.cpu_count(),
+        "cpu_flags": _int8_cpu_flags(),
+        "onnxruntime": onnxruntime.__version__,
+        "threads": 1,
+    }
+
+
+def quantize_table(res: dict[str, Any]) -> str:
+    """The readable form of a ``bench_quantize`` report."""
+    from meshai.tables import format_table, human_bytes
+
+    rows = []
+    for r in res["rows"]:
+        delta = r["accuracy_delta_pts"]
+        rows.append(
+            [
+                r["model"],
+                "per-channel" if r["per_channel"] else "per-tensor",
+                human_bytes(r["fp32_bytes"]),
+                human_bytes(r["int8_bytes"]),
+                f"{r['size_ratio']:.2f}x",
+                f"{r['fp32_ms']:.4f}",
+                f"{r['int8_ms']:.4f}",
+                f"{r['speedup']:.2f}x",
+                "-" if delta is None else f"{delta:+.2f}",
+                f"{r['agreement_pts']:.1f} %",
+            ]
+        )
+    table = format_table(
+        [
+            "model",
+            "weights",
+            "fp32",
+            "int8",
+            "smaller",
+            "fp32 ms",
+            "int8 ms",
+            "speedup",
+            "acc lost pts",
+            "top-1 agree",
+        ],
+        rows,
+        right=(2, 3, 4, 5, 6, 7, 8, 9),
+    )
+    flags = ", ".join(res["cpu_flags"]) or "unknown"
+    return (
+        f"{table}\nstatic int8 (QDQ) on onnxruntime {res['onnxruntime']} CPU, 1 thread, {res['cpus']} CPUs "
+        f"({flags}); ms per sample of batch 1; acc lost = fp32 - int8 accuracy on held-out labels"
+    )
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["transport-receiver"]:
         _transport_receiver_main(sys.argv[2:])

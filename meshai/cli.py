@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
+from meshai.argtypes import positive_int as _positive_int
 from meshai.errors import ConfigError, MeshaiError
 
 EXIT_ERROR = 1
@@ -38,16 +39,6 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, (set, frozenset, tuple)):
         return list(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
 
 
 # ----------------------------------------------------------------------------------------- plan
@@ -83,9 +74,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     loaded = load_for_planning(args.model, batch=args.batch)
     nodes = swarm_from_flags(args.profiles, args.profiles_file)
-    constraints = Constraints(objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or []))
-    plan = make_plan(loaded, nodes, constraints)
+    constraints = Constraints(
+        objective=args.objective,
+        stages=args.stages,
+        pins=parse_pins(args.pin or []),
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    loaded, quant = _quantization(args, loaded)
+    if quant is not None:
+        from meshai.planning import plan_measured, quant_report
+
+        plan = plan_measured(loaded, nodes, constraints, quant)
+    else:
+        plan = make_plan(loaded, nodes, constraints)
     out = plan.to_dict()
+    if quant is not None:
+        out["quantization"] = quant_report(quant)
     if args.check:
         from meshai.tensors import random_inputs
 
@@ -98,6 +102,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             f"model {loaded.name}: {len(loaded.graph.ops)} compute ops, {loaded.graph.total_flops / 1e9:.2f} GFLOP"
         )
         print(_plan_table(plan))
+        for note in plan.notes:
+            print(f"note: {note}")
         if args.check:
             print(f"check: stages run in order vs whole model, max abs diff {out['max_abs_diff']:.3g}")
     return 0
@@ -164,6 +170,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"throughput meshai/ray {res['throughput_ratio']:.2f}, p50 meshai/ray {res['p50_ratio']:.2f}; "
                 f"batch on Ray {b['ray_rps']:.1f} req/s vs one local process {b['local_rps']:.1f} ({b['ratio']:.2f}x)"
             )
+        return 0
+    if args.what == "quantize":
+        res = bench.bench_quantize()
+        if args.json:
+            _emit_json(res)
+        else:
+            print(bench.quantize_table(res))
         return 0
     raise ConfigError(f"unknown benchmark {args.what!r}")
 
@@ -417,6 +430,36 @@ def _constraints_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pin", action="append", metavar="INPUT=NODE")
 
 
+def _quant_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of precision chosen with placement (an int8 variant under an accuracy budget)."""
+    p.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="int8 variant: calibration samples (npz or a directory of npz) or a calibration .json",
+    )
+    p.add_argument("--eval", metavar="DATA", help="samples to measure int8's accuracy cost on")
+    p.add_argument("--labels", metavar="LABELS", help="labels npz of --eval (accuracy instead of agreement)")
+    p.add_argument(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="PTS",
+        help="accuracy budget of int8 stages in points (default 1.0; 0 rules int8 out)",
+    )
+    p.add_argument("--per-channel", action="store_true", help="per-channel int8 weights")
+
+
+def _quantization(args: argparse.Namespace, loaded: Any) -> tuple[Any, Any]:
+    """``--calibration …``: the model carrying its calibration and the measured int8 figures."""
+    if not getattr(args, "calibration", None):
+        for flag in ("eval", "labels"):
+            if getattr(args, flag, None):
+                raise ConfigError(f"--{flag} applies only with --calibration")
+        return loaded, None
+    from meshai.planning import prepare_quantization
+
+    return prepare_quantization(loaded, args.calibration, args.eval, args.labels, args.per_channel)
+
+
 def _package(args: argparse.Namespace, loaded: Any) -> tuple[bytes, str] | None:
     """``--package PKG``: the signed package to deploy from; it must hold the model being planned."""
     if not getattr(args, "package", None):
@@ -633,6 +676,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         ray_actors=args.ray_actors,
         ray_cpus=args.ray_cpus,
+        calibration=args.calibration,
+        eval=args.eval,
+        labels=args.labels,
+        max_accuracy_drop=args.max_accuracy_drop,
+        per_channel=args.per_channel,
     )
     _warn_insecure(args)
     import signal
@@ -673,13 +721,14 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         "--pin", action="append", metavar="INPUT=NODE", help="keep a raw input on its node (repeatable)"
     )
     pl.add_argument("--batch", type=_positive_int, default=1, help="batch size for symbolic dims (default 1)")
+    _quant_flags(pl)
     pl.add_argument("--check", action="store_true", help="run the stages in-process and report max_abs_diff")
     pl.add_argument("--seed", type=int, default=0, help="seed of the random inputs used by --check")
     pl.add_argument("--json", action="store_true")
     pl.set_defaults(func=cmd_plan)
 
     be = sub.add_parser("bench", help="benchmarks, with ratios against a baseline measured in the same run")
-    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray"])
+    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray", "quantize"])
     be.add_argument(
         "--cases", type=_positive_int, default=300, help="plan: random DAGs for the quality check"
     )
@@ -829,6 +878,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     _constraints_flags(si)
     si.add_argument("--inputs")
     si.add_argument("--outputs")
+    _quant_flags(si)
     si.add_argument("--seed", type=int, default=0)
     si.add_argument("--pace", action="store_true")
     si.add_argument("--window", type=_positive_int, default=8, help="requests in flight")
@@ -864,9 +914,12 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.set_defaults(func=cmd_sim)
 
     from meshai.batch_cli import add_batch_parser
+    from meshai.quantize_cli import add_digits_parser, add_quantize_parser
     from meshai.telemetry_cli import add_telemetry_parser
 
     add_batch_parser(sub)
+    add_quantize_parser(sub)
+    add_digits_parser(sub)
     add_telemetry_parser(sub)
     if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
         from meshai.package_cli import add_package_parsers

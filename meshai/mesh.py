@@ -36,15 +36,17 @@ from meshai.plan import Constraints, Plan
 from meshai.planning import (
     LoadedModel,
     Quantization,
+    built_stages,
     load_for_planning,
     make_plan,
     plan_measured,
-    stage_models,
 )
 from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
 from meshai.transport import Channel
 
 if TYPE_CHECKING:
+    import onnx
+
     from meshai.security import Trust
 
 __all__ = ["Mesh", "Peer", "Pipeline", "RemoteDeployment"]
@@ -270,18 +272,18 @@ class Mesh:
             self.pool.remember(node, peer.address)
         self._pipelines[pipe.stage_deployment] = pipe
         try:
-            wire = None
-            if any(s.precision == "int8" for s in plan.stages):
-                from scheduler.precision import int8_wire
-
-                wire = int8_wire(plan, self._model_for(plan, model).graph)
+            built: list[onnx.ModelProto] | None = None
+            wire: dict[int, list[str]] = {}
+            if package is None or any(s.precision == "int8" for s in plan.stages):
+                # int8 stages: which tensors cross as int8 is known once both ends are built
+                built, wire = await asyncio.to_thread(built_stages, self._model_for(plan, model), plan)
             if package is not None:
                 data, ref = package
                 await pipe.upload(data, ref)
                 await pipe.deploy(None, package=ref, wire_int8=wire)
             else:
-                blobs = [m.SerializeToString() for m in stage_models(self._model_for(plan, model), plan)]
-                await pipe.deploy(blobs, wire_int8=wire)
+                assert built is not None
+                await pipe.deploy([m.SerializeToString() for m in built], wire_int8=wire)
         except BaseException:
             self._pipelines.pop(pipe.stage_deployment, None)
             raise

@@ -77,13 +77,21 @@ def make_plan(loaded: LoadedModel, nodes: Sequence[NodeCapability], constraints:
 
 def stage_models(loaded: LoadedModel, plan: Plan) -> list[onnx.ModelProto]:
     """One ONNX model per stage of ``plan``; int8 stages quantized from the model's calibration."""
+    return built_stages(loaded, plan)[0]
+
+
+def built_stages(loaded: LoadedModel, plan: Plan) -> tuple[list[onnx.ModelProto], dict[int, list[str]]]:
+    """The stage models and, per stage id, the boundary tensors sent as int8 between int8 stages.
+
+    A tensor crosses as int8 when the planner counted it so (``scheduler.precision.int8_wire``) and
+    both ends, as quantized, can drop their Q/DQ pair for it; otherwise it stays fp32.  A node that
+    builds its int8 stage from a package gets the same list and builds the same model."""
     models = extract_plan(loaded.model, loaded.graph, plan)
     if not any(s.precision == "int8" for s in plan.stages):
-        return models
+        return models, {}
     from scheduler.precision import int8_wire
-    from scheduler.quantize import quantize, wire_int8
+    from scheduler.quantize import int8_wire_problem, quantize, wire_int8
 
-    wire = int8_wire(plan, loaded.graph)
     out = []
     for stage, m in zip(plan.stages, models, strict=True):
         if stage.precision == "int8":
@@ -92,9 +100,29 @@ def stage_models(loaded: LoadedModel, plan: Plan) -> list[onnx.ModelProto]:
                     f"stage {stage.id} runs int8 but model {loaded.name!r} carries no calibration "
                     "(plan and deploy it with --calibration)"
                 )
-            m = wire_int8(quantize(m, loaded.calibration), wire[stage.id])
+            m = quantize(m, loaded.calibration)
         out.append(m)
-    return out
+    planned = int8_wire(plan, loaded.graph)
+    wire: dict[int, list[str]] = {s.id: [] for s in plan.stages}
+    for s in plan.stages:
+        for t in planned[s.id]:
+            if t not in s.outputs:
+                continue
+            ends = [s.id, *s.routes.get(t, ())]
+            if all(not int8_wire_problem(out[i], t) for i in ends):
+                for i in ends:
+                    wire[i].append(t)
+    return [wire_int8(m, wire[i]) for i, m in enumerate(out)], wire
+
+
+def chained_outputs(
+    models: Sequence[onnx.ModelProto], plan: Plan, samples: Sequence[Mapping[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
+    """Every sample through the stage models in plan order, here (what the pipeline computes)."""
+    from nodes.executor import StageSession, run_stages
+
+    sessions = [StageSession(m.SerializeToString(), name=f"stage {i}") for i, m in enumerate(models)]
+    return [run_stages(sessions, plan, dict(sample)) for sample in samples]
 
 
 # ------------------------------------------------------------------------- precision with placement
@@ -191,18 +219,20 @@ def plan_measured(
     measured drop over the budget is charged to the plan's int8 ops and the planner runs again (at most
     MEASURE_ROUNDS times), so the budget holds for what was measured, not only for what was predicted."""
     from scheduler.precision import DEFAULT_BUDGET_PTS
-    from scheduler.quantize import mixed_drop_pts
+    from scheduler.quantize import drop_pts, run_model
 
     budget = constraints.max_accuracy_drop
     limit = DEFAULT_BUDGET_PTS if budget is None else budget
     c = q.constraints(constraints, budget)
     drops = dict(c.int8_drop_pts or {})
+    ref = run_model(loaded.model, q.samples)
     for _ in range(MEASURE_ROUNDS):
         plan = partition(loaded.graph, nodes, c)
         int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
         if not int8_ops:
             return plan
-        measured = mixed_drop_pts(loaded.model, q.calibration, int8_ops, q.samples, q.labels)
+        models = built_stages(dataclasses.replace(loaded, calibration=q.calibration), plan)[0]
+        measured = round(drop_pts(ref, chained_outputs(models, plan, q.samples), q.labels), 4)
         predicted = plan.predicted.accuracy_drop_pts or 0.0
         note = (
             f"int8 stages measured on {len(q.samples)} samples: {measured:g} points of "

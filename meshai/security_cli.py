@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any, TypeVar
 
+from meshai.argtypes import positive_int_named
 from meshai.security import (
     CA_CERT,
     REVOKED,
@@ -25,17 +26,8 @@ from meshai.security import (
 
 __all__ = ["add_ca_parser", "cmd_ca_init", "cmd_ca_issue", "cmd_ca_revoke"]
 
+_days = positive_int_named("days")
 P = TypeVar("P", bound=argparse.ArgumentParser)
-
-
-def _days(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"days must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"days must be a positive integer, got {text!r}")
-    return value
 
 
 def _emit(obj: dict[str, Any]) -> None:

@@ -554,15 +554,15 @@ def _precision_report(
     requests: list[dict[str, np.ndarray]],
     results: list[dict[str, np.ndarray] | BaseException],
 ) -> dict[str, Any]:
-    """What int8 stages did to this run: the outputs against the planned mixed-precision model run
-    whole here (``max_abs_diff_mixed``: the pipeline computes exactly what was planned), how far that
-    model itself is from fp32 (``expected_max_abs_diff``), and with labels the accuracy delta."""
+    """What int8 stages did to this run: the outputs against the same stage models run in order here
+    (``max_abs_diff_mixed``: the swarm computes exactly what was planned), how far that computation is
+    from the fp32 model (``expected_max_abs_diff``), and with labels the accuracy delta."""
+    from meshai.planning import built_stages, chained_outputs
     from meshai.tensors import max_abs_diff
-    from scheduler.quantize import accuracy_pts, quantize, run_model
+    from scheduler.quantize import accuracy_pts, run_model
 
     int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
-    mixed = quantize(loaded.model, quant.calibration, int8_ops) if int8_ops else loaded.model
-    want = run_model(mixed, requests)
+    want = chained_outputs(built_stages(loaded, plan)[0], plan, requests)
     fp32 = run_model(loaded.model, requests)
     ok = [(i, r) for i, r in enumerate(results) if not isinstance(r, BaseException)]
     out: dict[str, Any] = {

@@ -50,6 +50,9 @@ __all__ = [
 Tensors = dict[str, np.ndarray]
 #: The file a model package carries its calibration in (nodes quantize their int8 stages from it).
 CALIBRATION_FILE = "calibration.json"
+#: Keep Relu/Clip after Conv/Gemm as ops of their own: folding them into the producer's quantization
+#: would make a cut between the two (the planner may make one) compute something else than the whole.
+QUANT_OPTIONS = {"QDQKeepRemovableActivations": True}
 #: Op types onnxruntime's QDQ quantizer gives int8 weights or activations (the ones worth counting).
 QUANT_OP_TYPES = ("Conv", "Gemm", "MatMul", "ConvTranspose")
 
@@ -163,10 +166,30 @@ def calibrate(
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
                 calibration_cache_path=cache,
+                extra_options=dict(QUANT_OPTIONS),
             )
         except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
             raise InferenceError(f"calibration failed: {exc}") from None
-        return Calibration(cache.read_bytes(), per_channel, len(samples))
+        return Calibration(_share_activation_ranges(model, cache.read_bytes()), per_channel, len(samples))
+
+
+def _share_activation_ranges(model: onnx.ModelProto, data: bytes) -> bytes:
+    """Give the input of a Relu/Clip that is its only reader the activation's range, as onnxruntime's
+    quantizer does inside a whole model: a stage cut between the two then quantizes that tensor as the
+    whole model would, so the stages chain to exactly the whole int8 computation."""
+    doc = json.loads(data)
+    ranges = doc.get("data", {})
+    readers: dict[str, int] = {}
+    for n in model.graph.node:
+        for t in n.input:
+            readers[t] = readers.get(t, 0) + 1
+    outputs = {o.name for o in model.graph.output}
+    for n in model.graph.node:
+        if n.op_type in ("Relu", "Clip") and n.input and n.output:
+            x, y = n.input[0], n.output[0]
+            if readers.get(x) == 1 and x not in outputs and x in ranges and y in ranges:
+                ranges[x] = ranges[y]
+    return json.dumps(doc).encode()
 
 
 def quantize(model: onnx.ModelProto, cal: Calibration, ops: Sequence[str] | None = None) -> onnx.ModelProto:
@@ -190,6 +213,7 @@ def quantize(model: onnx.ModelProto, cal: Calibration, ops: Sequence[str] | None
                 per_channel=cal.per_channel,
                 nodes_to_quantize=list(ops) if ops is not None else None,
                 calibration_cache_path=cache,
+                extra_options=dict(QUANT_OPTIONS),
             )
         except (ValueError, RuntimeError, KeyError) as exc:
             raise InferenceError(f"int8 quantization failed: {exc}") from None
@@ -325,19 +349,6 @@ def measure(
     return prof
 
 
-def mixed_drop_pts(
-    model: onnx.ModelProto,
-    cal: Calibration,
-    int8_ops: Sequence[str],
-    samples: Sequence[Mapping[str, np.ndarray]],
-    labels: np.ndarray | None = None,
-) -> float:
-    """The measured drop of ``model`` with exactly ``int8_ops`` in int8 (a mixed-precision plan)."""
-    ref = run_model(model, samples)
-    got = run_model(quantize(model, cal, list(int8_ops)), samples)
-    return round(drop_pts(ref, got, labels), 4)
-
-
 def wire_int8(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """Let the stage ``model`` (already quantized) send or receive ``tensors`` as int8 on the wire.
 
@@ -346,20 +357,56 @@ def wire_int8(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto
     QuantizeLinear: the stage reads the int8 tensor T straight into the DequantizeLinear nodes.  Both
     ends use the scale and zero point calibrated for T, so the result is what the two stages compute
     with fp32 between them, at a quarter of the bytes.  InferenceError names a tensor that does not
-    follow either pattern."""
+    follow either pattern (``int8_wire_problem`` says so beforehand)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     g = m.graph
-    outputs = {o.name: o for o in g.output}
-    inputs = {i.name: i for i in g.input}
     for t in tensors:
-        if t in outputs:
-            _wire_output(g, t, outputs[t])
-        elif t in inputs:
-            _wire_input(g, t, inputs[t])
+        problem = int8_wire_problem(m, t)
+        if problem:
+            raise InferenceError(f"int8 wire: {problem}")
+        if any(o.name == t for o in g.output):
+            dq, q = _output_pair(g, t)
+            assert dq is not None and q is not None
+            g.node.remove(dq)
+            q.output[0] = t
+            _set_int8(next(o for o in g.output if o.name == t))
         else:
-            raise InferenceError(f"int8 wire: {t!r} is neither an input nor an output of the stage")
+            q = _readers(g, t)[0]
+            q_out = q.output[0]
+            for n in g.node:
+                for i, name in enumerate(n.input):
+                    if name == q_out:
+                        n.input[i] = t
+            g.node.remove(q)
+            _set_int8(next(i for i in g.input if i.name == t))
     return m
+
+
+def int8_wire_problem(model: onnx.ModelProto, t: str) -> str:
+    """Why the stage ``model`` cannot send or receive ``t`` as int8 ('' when it can)."""
+    g = model.graph
+    if any(o.name == t for o in g.output):
+        dq, q = _output_pair(g, t)
+        if dq is None or q is None or _readers(g, t):
+            return f"stage output {t!r} does not end in QuantizeLinear → DequantizeLinear"
+        if any(n is not dq for n in _readers(g, q.output[0])):
+            return f"the int8 form of {t!r} has other readers in the stage"
+        return ""
+    if any(i.name == t for i in g.input):
+        readers = _readers(g, t)
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            return f"stage input {t!r} is not read by one QuantizeLinear alone"
+        return ""
+    return f"{t!r} is neither an input nor an output of the stage"
+
+
+def _output_pair(g: onnx.GraphProto, t: str) -> tuple[onnx.NodeProto | None, onnx.NodeProto | None]:
+    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and list(n.output) == [t]), None)
+    if dq is None:
+        return None, None
+    q = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == dq.input[0]), None)
+    return dq, q
 
 
 def _readers(g: onnx.GraphProto, t: str) -> list[onnx.NodeProto]:
@@ -368,34 +415,3 @@ def _readers(g: onnx.GraphProto, t: str) -> list[onnx.NodeProto]:
 
 def _set_int8(v: onnx.ValueInfoProto) -> None:
     v.type.tensor_type.elem_type = onnx.TensorProto.INT8
-
-
-def _wire_output(g: onnx.GraphProto, t: str, out: onnx.ValueInfoProto) -> None:
-    dq = next((n for n in g.node if n.op_type == "DequantizeLinear" and list(n.output) == [t]), None)
-    q = None
-    if dq is not None:
-        q = next((n for n in g.node if n.op_type == "QuantizeLinear" and n.output[0] == dq.input[0]), None)
-    if dq is None or q is None or _readers(g, t):
-        raise InferenceError(
-            f"int8 wire: stage output {t!r} does not end in QuantizeLinear → DequantizeLinear"
-        )
-    q_out = q.output[0]
-    if any(n is not dq for n in _readers(g, q_out)):
-        raise InferenceError(f"int8 wire: the int8 form of {t!r} has other readers in the stage")
-    g.node.remove(dq)
-    q.output[0] = t
-    _set_int8(out)
-
-
-def _wire_input(g: onnx.GraphProto, t: str, inp: onnx.ValueInfoProto) -> None:
-    readers = _readers(g, t)
-    if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
-        raise InferenceError(f"int8 wire: stage input {t!r} is not read by one QuantizeLinear alone")
-    q = readers[0]
-    q_out = q.output[0]
-    for n in g.node:
-        for i, name in enumerate(n.input):
-            if name == q_out:
-                n.input[i] = t
-    g.node.remove(q)
-    _set_int8(inp)
