@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Self
 import numpy as np
 
 from meshai.capabilities import resolve_profiles, swarm
-from meshai.errors import ConfigError, MeshaiError, PeerError
+from meshai.errors import ConfigError, MeshaiError, PeerError, check_min
 from meshai.plan import Constraints
 from meshai.progress import Progress
 
@@ -138,8 +138,7 @@ def bench_transport(
             raise ConfigError(f"tensor size must be a positive multiple of 4 bytes (float32), got {size!r}")
     if not (isinstance(mib, int | float) and math.isfinite(mib) and mib > 0):
         raise ConfigError(f"mib must be a positive number, got {mib!r}")
-    if repeats < 1:
-        raise ConfigError(f"repeats must be >= 1, got {repeats}")
+    check_min("repeats", repeats, 1)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="meshai-bench-") as tmp:
         certdir = Path(tmp) if tls else None
@@ -526,12 +525,9 @@ def bench_pipeline(
         raise ConfigError("bench pipeline needs at least one model")
     if requests is not None and requests < 1:
         raise ConfigError(f"requests must be >= 1, got {requests}")
-    if window < 1:
-        raise ConfigError(f"window must be >= 1, got {window}")
-    if warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {warmup}")
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    check_min("window", window, 1)
+    check_min("warmup", warmup, 0)
+    check_min("rounds", rounds, 1)
     return asyncio.run(_bench_pipeline(models, requests, window, warmup, rounds, seed, discovery_timeout))
 
 
@@ -766,16 +762,11 @@ def bench_ray(
     result is checked against the whole model run in this process; ``max_abs_diff`` is the worst per
     side.  ConfigError on bad arguments or when Ray is not installed.
     """
-    if requests < 1:
-        raise ConfigError(f"requests must be >= 1, got {requests}")
-    if window < 1:
-        raise ConfigError(f"window must be >= 1, got {window}")
-    if stages < 1:
-        raise ConfigError(f"stages must be >= 1, got {stages}")
-    if warmup < 0:
-        raise ConfigError(f"warmup must be >= 0, got {warmup}")
-    if rounds < 1:
-        raise ConfigError(f"rounds must be >= 1, got {rounds}")
+    check_min("requests", requests, 1)
+    check_min("window", window, 1)
+    check_min("stages", stages, 1)
+    check_min("warmup", warmup, 0)
+    check_min("rounds", rounds, 1)
     from scheduler.ray_backend import RayBackend
 
     try:

@@ -51,3 +51,9 @@ class DeploymentError(MeshaiError):
 
 class InferenceError(MeshaiError):
     """A request failed; the message names the stage and node where it failed."""
+
+
+def check_min(name: str, value: int, lo: int, error: type[MeshaiError] = ConfigError) -> None:
+    """Raise ``error`` ("NAME must be >= LO, got VALUE") when ``value`` is below ``lo``."""
+    if value < lo:
+        raise error(f"{name} must be >= {lo}, got {value}")

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from meshai.errors import ConfigError, MeshaiError, PeerError
+from meshai.errors import ConfigError, MeshaiError, PeerError, check_min
 from meshai.progress import Progress
 
 #: Drift at the sim's entry: reference from the first DRIFT_WARMUP requests (unless --reference),
@@ -297,8 +297,7 @@ async def run_sim(opts: SimOptions) -> dict[str, Any]:
     """Run one simulation and return the report (the JSON ``meshai sim --json`` prints)."""
     from meshai.planning import load_for_planning
 
-    if opts.nodes < 1:
-        raise ConfigError(f"--nodes must be >= 1, got {opts.nodes}")
+    check_min("--nodes", opts.nodes, 1)
     profiles = _profile_names(opts)
     from meshai.capabilities import load_profiles, resolve_profiles
 

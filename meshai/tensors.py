@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from meshai.errors import ConfigError, ModelError
+from meshai.errors import ConfigError, ModelError, check_min
 
 __all__ = [
     "InputSpec",
@@ -102,8 +102,7 @@ def random_inputs(
     [0, INT_HIGH), bools fair coins; symbolic dims become ``batch``.  With ``requests`` each array gets
     a leading requests axis of that size (the ``.npz`` layout).  The same arguments give the same
     arrays; an input of unknown rank raises ConfigError."""
-    if batch < 1:
-        raise ConfigError(f"batch must be >= 1, got {batch}")
+    check_min("batch", batch, 1)
     if requests is not None and requests < 0:
         raise ConfigError(f"requests must be >= 0, got {requests}")
     rng = np.random.default_rng(seed)

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from meshai.errors import ConfigError, InferenceError
+from meshai.errors import ConfigError, InferenceError, check_min
 from meshai.plan import Plan
 
 __all__ = [
@@ -192,8 +192,7 @@ class StageSession:
 
     def warmup(self, batch: int = 1, runs: int = 1) -> None:
         """Run ``runs`` times on zeros (symbolic dims set to ``batch``) so the first request is not slow."""
-        if batch < 1:
-            raise ConfigError(f"warm-up batch must be >= 1, got {batch}")
+        check_min("warm-up batch", batch, 1)
         feeds: dict[str, np.ndarray] = {}
         for n in self.input_names:
             shape = self.input_shapes[n]

@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, shape_inference
 
-from meshai.errors import ModelError
+from meshai.errors import ModelError, check_min
 
 MIN_IR_VERSION = 7
 #: Ops never folded as constants: their outputs differ per run.
@@ -245,8 +245,7 @@ def tensor_types(model: onnx.ModelProto) -> dict[str, onnx.ValueInfoProto]:
 
 def build_graph(model: onnx.ModelProto, name: str = "model", batch: int = 1) -> GraphIR:
     """Build the GraphIR of a normalized model; symbolic dims are taken as ``batch``."""
-    if batch < 1:
-        raise ModelError(f"batch must be >= 1, got {batch}")
+    check_min("batch", batch, 1, ModelError)
     inferred = infer_shapes(model)
     g = inferred.graph
     vtypes = tensor_types(inferred)

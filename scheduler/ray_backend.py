@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from meshai.errors import ConfigError, InferenceError, MeshaiError, PeerError
+from meshai.errors import ConfigError, InferenceError, MeshaiError, PeerError, check_min
 
 __all__ = ["BatchStats", "RayBackend", "RayModel", "import_ray"]
 
@@ -100,8 +100,7 @@ class RayModel:
     """A model loaded on the backend: its bytes in the object store and a pool of actors."""
 
     def __init__(self, backend: RayBackend, model_bytes: bytes, actors: int, threads: int) -> None:
-        if actors < 1:
-            raise ConfigError(f"actors must be >= 1, got {actors}")
+        check_min("actors", actors, 1)
         ray = backend.ray
         self._backend = backend
         self._ray = ray
@@ -151,8 +150,7 @@ class RayModel:
         with the number of requests each finished chunk held.  A chunk whose actor died is run again
         on a fresh actor (at most MAX_RETRIES times; then PeerError); a model error raises
         InferenceError."""
-        if chunk < 1:
-            raise ConfigError(f"chunk must be >= 1, got {chunk}")
+        check_min("chunk", chunk, 1)
         if not self.actors:
             raise ConfigError("this RayModel is closed")
         ray = self._ray
@@ -270,12 +268,9 @@ class RayBackend:
     def __init__(
         self, address: str | None = None, num_cpus: int = 2, actors: int = 2, threads: int = 1
     ) -> None:
-        if num_cpus < 1:
-            raise ConfigError(f"num_cpus must be >= 1, got {num_cpus}")
-        if actors < 1:
-            raise ConfigError(f"actors must be >= 1, got {actors}")
-        if threads < 1:
-            raise ConfigError(f"threads must be >= 1, got {threads}")
+        check_min("num_cpus", num_cpus, 1)
+        check_min("actors", actors, 1)
+        check_min("threads", threads, 1)
         self.address = address
         self.num_cpus = num_cpus
         self.actor_count = actors
