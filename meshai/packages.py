@@ -92,6 +92,7 @@ from google.protobuf.message import Message as _PbMessage
 
 from meshai.errors import ConfigError, ModelError, SecurityError
 from meshai.models import MAX_MODEL_BYTES, model_from_bytes
+from meshai.strict_json import loads_strict
 
 __all__ = [
     "FORMAT",
@@ -256,26 +257,8 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode()
 
 
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise SecurityError(f"manifest has duplicate key {k!r}")
-        out[k] = v
-    return out
-
-
-def _reject_constant(name: str) -> Any:
-    raise SecurityError(f"manifest contains {name}, which is not JSON")
-
-
 def _parse_canonical(data: bytes, what: str) -> Any:
-    try:
-        obj = json.loads(
-            data.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise SecurityError(f"{what} is not valid JSON: {exc}") from None
+    obj = loads_strict(data, SecurityError, what)
     if _canonical(obj) != data:
         raise SecurityError(f"{what} is not canonical JSON (sorted keys, no spaces, ASCII)")
     return obj

@@ -39,6 +39,7 @@ from typing import Any, Generic, Literal, Self, TypeVar
 import aiomqtt
 
 from meshai.errors import ConfigError, PeerError, RemoteProtocolError
+from meshai.strict_json import loads_strict
 
 __all__ = [
     "MAX_ARRAY",
@@ -282,19 +283,6 @@ class TelemetrySnapshot:
 # ------------------------------------------------------------------------------------ the validator
 
 
-def _reject_constant(name: str) -> None:
-    raise RemoteProtocolError(f"telemetry payload holds the non-finite number {name}")
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise RemoteProtocolError(f"telemetry payload repeats the key {key!r}")
-        out[key] = value
-    return out
-
-
 def _walk(value: object, path: str, depth: int) -> None:
     """Structural limits, independent of the schema: nesting, arrays, strings."""
     if isinstance(value, list):
@@ -338,10 +326,7 @@ def check_payload(data: bytes) -> TelemetrySnapshot:
         raise RemoteProtocolError(f"telemetry payload must be bytes, got {type(data).__name__}")
     if len(data) > MAX_PAYLOAD:
         raise RemoteProtocolError(f"telemetry payload is {len(data)} bytes, more than {MAX_PAYLOAD}")
-    try:
-        obj = json.loads(bytes(data), parse_constant=_reject_constant, object_pairs_hook=_no_duplicates)
-    except (ValueError, RecursionError) as exc:
-        raise RemoteProtocolError(f"telemetry payload is not JSON: {exc}") from None
+    obj = loads_strict(bytes(data), RemoteProtocolError, "telemetry payload")
     if not isinstance(obj, dict):
         raise RemoteProtocolError(f"telemetry payload must be a JSON object, got {type(obj).__name__}")
     _walk(obj, "$", 1)
