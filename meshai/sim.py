@@ -19,7 +19,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,6 +377,21 @@ class MeshSecrets:
         return ["--trusted-key", str(self.pub)]
 
 
+@contextlib.contextmanager
+def _ray_model(opts: SimOptions, loaded: Any) -> Iterator[Any]:
+    """With ``--offload ray``: Ray started (or joined) and the whole model loaded on its actors, shut
+    down on exit; else None."""
+    if not opts.offload:
+        yield None
+        return
+    from scheduler.ray_backend import RayBackend
+
+    where = opts.ray_address or "embedded, 127.0.0.1"
+    print(f"meshai sim: starting Ray ({where}) with {opts.ray_actors} actors", file=sys.stderr, flush=True)
+    with RayBackend(address=opts.ray_address, num_cpus=opts.ray_cpus, actors=opts.ray_actors) as backend:
+        yield backend.load(loaded.model.SerializeToString())
+
+
 async def _run_sim(
     opts: SimOptions,
     loaded: Any,
@@ -387,7 +402,10 @@ async def _run_sim(
     work: Path,
     quant: Any = None,
 ) -> dict[str, Any]:
+    from meshai.mesh import Mesh
     from meshai.models import resolve_model
+    from meshai.tensors import max_abs_diff, save_npz, stack_requests
+    from nodes.executor import StageSession
 
     identities: Path | None = None
     client: Path | None = None
@@ -405,97 +423,62 @@ async def _run_sim(
             extra_files[CALIBRATION_FILE] = loaded.calibration.to_bytes()
         package = sec.package(resolve_model(opts.model), loaded.name, extra=extra_files)
         extra = sec.node_args()
-    with contextlib.ExitStack() as stack:
-        ray_model = _start_ray(opts, loaded, stack)  # before the swarm: Ray's start-up blocks for seconds
-        procs = stack.enter_context(
-            NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities)
-        )
-        return await _run_swarm(
-            opts, loaded, requests, profiles, names, mesh_id, procs, ray_model, client, package, quant
-        )
-    raise AssertionError("unreachable")
-
-
-def _start_ray(opts: SimOptions, loaded: Any, stack: contextlib.ExitStack) -> Any:
-    """With ``--offload ray``: Ray started (or joined) and the whole model loaded on its actors."""
-    if not opts.offload:
-        return None
-    from scheduler.ray_backend import RayBackend
-
-    where = opts.ray_address or "embedded, 127.0.0.1"
-    print(f"meshai sim: starting Ray ({where}) with {opts.ray_actors} actors", file=sys.stderr, flush=True)
-    backend = stack.enter_context(
-        RayBackend(address=opts.ray_address, num_cpus=opts.ray_cpus, actors=opts.ray_actors)
-    )
-    return backend.load(loaded.model.SerializeToString())
-
-
-async def _run_swarm(
-    opts: SimOptions,
-    loaded: Any,
-    requests: list[dict[str, np.ndarray]],
-    profiles: list[str],
-    names: list[str],
-    mesh_id: str,
-    procs: NodeProcesses,
-    ray_model: Any,
-    client: Path | None,
-    package: tuple[bytes, str] | None,
-    quant: Any = None,
-) -> dict[str, Any]:
-    from meshai.mesh import Mesh
-    from meshai.tensors import max_abs_diff, save_npz, stack_requests
-    from nodes.executor import StageSession
-
-    async with Mesh(
-        mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
-    ) as mesh:
-        deadline = time.monotonic() + opts.discovery_timeout
-        while True:  # a node process that died says why at once, not after the timeout
-            procs.check_alive()
-            try:
-                await mesh.wait_for_peers(opts.nodes, timeout=max(0.1, min(1.0, deadline - time.monotonic())))
-                break
-            except PeerError:
-                if time.monotonic() > deadline:
-                    procs.check_alive()
-                    raise
-        discovery_s = time.monotonic() - procs.started_at
-        plan, _ = mesh.plan(
-            loaded,
-            objective=opts.objective,
-            stages=opts.stages,
-            pins=opts.pins,
-            nodes=names,
-            quantization=quant,
-            max_accuracy_drop=opts.max_accuracy_drop,
-        )
-        results: list[dict[str, np.ndarray] | BaseException] = []
-        async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
-            # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
-            # reports drift as warming up rather than alarm on noise
-            pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
-            sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
-            overflow: dict[str, Any] | None = None
-            with Progress("requests", len(requests)) as bar:
-                if ray_model is not None:
-                    over = await _overflow(opts, pipe, ray_model, requests, bar.advance)
-                    results, overflow = over.results, over.to_dict(_policy(opts), opts.rate)
-                    latency_ms, throughput_rps = over.latency_ms(), over.throughput_rps()
-                else:
-                    async for out in pipe.stream(requests):
-                        results.append(out)
-                        bar.advance()
-                    latency_ms, throughput_rps = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
-            pipe._export_drift()
-            drift = pipe.drift.scores() if pipe.drift is not None else {}
-            drifted = pipe.drift.drifted() if pipe.drift is not None else []
-            bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
-            node_bytes = await _node_bytes(mesh, names)
-            if opts.prom_file:
-                await _write_prom_file(mesh, names, opts.prom_file)
-            if opts.report:
-                await _write_report(mesh, names, pipe, opts, loaded.name)
+    # Ray first: its start-up blocks for seconds, which must not happen while nodes wait on heartbeats
+    with (
+        _ray_model(opts, loaded) as ray_model,
+        NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities) as procs,
+    ):
+        async with Mesh(
+            mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
+        ) as mesh:
+            deadline = time.monotonic() + opts.discovery_timeout
+            while True:  # a node process that died says why at once, not after the timeout
+                procs.check_alive()
+                try:
+                    await mesh.wait_for_peers(
+                        opts.nodes, timeout=max(0.1, min(1.0, deadline - time.monotonic()))
+                    )
+                    break
+                except PeerError:
+                    if time.monotonic() > deadline:
+                        procs.check_alive()
+                        raise
+            discovery_s = time.monotonic() - procs.started_at
+            plan, _ = mesh.plan(
+                loaded,
+                objective=opts.objective,
+                stages=opts.stages,
+                pins=opts.pins,
+                nodes=names,
+                quantization=quant,
+                max_accuracy_drop=opts.max_accuracy_drop,
+            )
+            results: list[dict[str, np.ndarray] | BaseException] = []
+            async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
+                # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
+                # reports drift as warming up rather than alarm on noise
+                pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
+                sent0 = sum(c.bytes_sent for c in mesh.pool.live().values())
+                overflow: dict[str, Any] | None = None
+                with Progress("requests", len(requests)) as bar:
+                    if ray_model is not None:
+                        over = await _overflow(opts, pipe, ray_model, requests, bar.advance)
+                        results, overflow = over.results, over.to_dict(_policy(opts), opts.rate)
+                        latency_ms, throughput_rps = over.latency_ms(), over.throughput_rps()
+                    else:
+                        async for out in pipe.stream(requests):
+                            results.append(out)
+                            bar.advance()
+                        latency_ms, throughput_rps = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
+                pipe._export_drift()
+                drift = pipe.drift.scores() if pipe.drift is not None else {}
+                drifted = pipe.drift.drifted() if pipe.drift is not None else []
+                bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
+                node_bytes = await _node_bytes(mesh, names)
+                if opts.prom_file:
+                    await _write_prom_file(mesh, names, opts.prom_file)
+                if opts.report:
+                    await _write_report(mesh, names, pipe, opts, loaded.name)
     # reference: the whole model in this process, after the timed run
     ref = StageSession(loaded.model, name=f"whole {loaded.name}")
     worst = 0.0
