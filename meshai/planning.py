@@ -139,15 +139,15 @@ class Quantization:
     samples: list[dict[str, np.ndarray]]
     labels: np.ndarray | None
     profile: QuantProfile
+    reference: list[dict[str, np.ndarray]]  # the fp32 model's outputs for ``samples``
 
-    def constraints(self, base: Constraints, budget: float | None) -> Constraints:
+    def constraints(self, base: Constraints) -> Constraints:
         """``base`` with the int8 variant and its measured figures."""
         return dataclasses.replace(
             base,
             precisions=tuple(dict.fromkeys((*base.precisions, "int8"))),
             int8_drop_pts=dict(self.profile.op_drop_pts),
             whole_int8_drop_pts=self.profile.whole_drop_pts,
-            max_accuracy_drop=budget,
         )
 
 
@@ -187,7 +187,7 @@ def prepare_quantization(
     calibration samples when none is given), with progress bars.  Returns the model carrying its
     calibration and the figures the planner needs."""
     from meshai.progress import Progress
-    from scheduler.quantize import Calibration, calibrate, measure, quantizable_ops, top1
+    from scheduler.quantize import Calibration, calibrate, measure, quantizable_ops, run_model, top1
 
     inputs = list(loaded.graph.inputs)
     if labels and not eval_data:
@@ -202,14 +202,11 @@ def prepare_quantization(
     samples = read_samples(eval_data, inputs, "--eval") if eval_data else cal_samples
     if not samples:
         raise ConfigError("--calibration is a calibration file: name --eval samples to measure int8 on")
-    lab = None
-    if labels:
-        from scheduler.quantize import run_model
-
-        lab = read_labels(labels, top1(run_model(loaded.model, samples[:1])).size * len(samples))
+    ref = run_model(loaded.model, samples)
+    lab = read_labels(labels, top1(ref).size) if labels else None
     with Progress("measuring int8", 1 + len(quantizable_ops(loaded.model))) as bar:
-        profile = measure(loaded.model, cal, samples, lab, progress=bar.advance)
-    return dataclasses.replace(loaded, calibration=cal), Quantization(cal, samples, lab, profile)
+        profile = measure(loaded.model, cal, samples, lab, reference=ref, progress=bar.advance)
+    return dataclasses.replace(loaded, calibration=cal), Quantization(cal, samples, lab, profile, ref)
 
 
 def plan_measured(
@@ -219,20 +216,19 @@ def plan_measured(
     measured drop over the budget is charged to the plan's int8 ops and the planner runs again (at most
     MEASURE_ROUNDS times), so the budget holds for what was measured, not only for what was predicted."""
     from scheduler.precision import DEFAULT_BUDGET_PTS
-    from scheduler.quantize import drop_pts, run_model
+    from scheduler.quantize import drop_pts
 
     budget = constraints.max_accuracy_drop
-    limit = DEFAULT_BUDGET_PTS if budget is None else budget
-    c = q.constraints(constraints, budget)
+    limit = DEFAULT_BUDGET_PTS if budget is None else budget  # what the planner assumes, too
+    c = q.constraints(constraints)
     drops = dict(c.int8_drop_pts or {})
-    ref = run_model(loaded.model, q.samples)
     for _ in range(MEASURE_ROUNDS):
         plan = partition(loaded.graph, nodes, c)
         int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
         if not int8_ops:
             return plan
         models = built_stages(dataclasses.replace(loaded, calibration=q.calibration), plan)[0]
-        measured = round(drop_pts(ref, chained_outputs(models, plan, q.samples), q.labels), 4)
+        measured = round(drop_pts(q.reference, chained_outputs(models, plan, q.samples), q.labels), 4)
         predicted = plan.predicted.accuracy_drop_pts or 0.0
         note = (
             f"int8 stages measured on {len(q.samples)} samples: {measured:g} points of "

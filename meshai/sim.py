@@ -485,13 +485,14 @@ async def _run_sim(
     errors = 0
     first_error = ""
     ok_outputs: list[dict[str, np.ndarray]] = []
-    for req, res in zip(requests, results, strict=True):
+    fp32: dict[int, dict[str, np.ndarray]] = {}  # request index -> the whole model's outputs
+    for i, (req, res) in enumerate(zip(requests, results, strict=True)):
         if isinstance(res, BaseException):
             errors += 1
             first_error = first_error or str(res)
             continue
-        want = ref.run(req)
-        worst = max(worst, max_abs_diff(res, want))
+        fp32[i] = ref.run(req)
+        worst = max(worst, max_abs_diff(res, fp32[i]))
         ok_outputs.append(res)
     if opts.outputs and ok_outputs:
         save_npz(opts.outputs, stack_requests(ok_outputs))
@@ -523,7 +524,7 @@ async def _run_sim(
         "offload": overflow,
     }
     if quant is not None:
-        report["precision"] = _precision_report(loaded, plan, quant, requests, results)
+        report["precision"] = _precision_report(loaded, plan, quant, requests, results, fp32)
     if first_error:
         report["first_error"] = first_error
     return report
@@ -535,17 +536,18 @@ def _precision_report(
     quant: Any,
     requests: list[dict[str, np.ndarray]],
     results: list[dict[str, np.ndarray] | BaseException],
+    fp32: Mapping[int, dict[str, np.ndarray]],
 ) -> dict[str, Any]:
     """What int8 stages did to this run: the outputs against the same stage models run in order here
     (``max_abs_diff_mixed``: the swarm computes exactly what was planned), how far that computation is
-    from the fp32 model (``expected_max_abs_diff``), and with labels the accuracy delta."""
+    from the fp32 model's outputs ``fp32`` (per successful request; ``expected_max_abs_diff``), and
+    with labels the accuracy delta."""
     from meshai.planning import built_stages, chained_outputs
     from meshai.tensors import max_abs_diff
-    from scheduler.quantize import accuracy_pts, run_model
+    from scheduler.quantize import accuracy_pts
 
     int8_ops = [o for s in plan.stages if s.precision == "int8" for o in s.ops]
     want = chained_outputs(built_stages(loaded, plan)[0], plan, requests)
-    fp32 = run_model(loaded.model, requests)
     ok = [(i, r) for i, r in enumerate(results) if not isinstance(r, BaseException)]
     out: dict[str, Any] = {
         "stages": {str(s.id): s.precision for s in plan.stages},
@@ -562,7 +564,7 @@ def _precision_report(
         rows = quant.labels.size // len(quant.samples)
         labels = quant.labels[: rows * len(requests)]
         got = [r for _, r in ok]
-        out["fp32_accuracy"] = round(accuracy_pts(fp32, labels), 4)
+        out["fp32_accuracy"] = round(accuracy_pts([fp32[i] for i, _ in ok], labels), 4)
         out["accuracy"] = round(accuracy_pts(got, labels), 4)
         out["accuracy_delta_pts"] = round(out["fp32_accuracy"] - out["accuracy"], 4)
     return out

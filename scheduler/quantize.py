@@ -322,13 +322,14 @@ def measure(
     samples: Sequence[Mapping[str, np.ndarray]],
     labels: np.ndarray | None = None,
     *,
-    per_op: bool = True,
+    reference: Sequence[Mapping[str, np.ndarray]] | None = None,
     progress: Callable[[], None] | None = None,
 ) -> QuantProfile:
-    """Measure int8's cost on ``samples``: the whole int8 model, and (``per_op``) each quantizable op
-    quantized alone.  ``progress()`` is called once per model variant run."""
+    """Measure int8's cost on ``samples``: the whole int8 model, and each quantizable op quantized
+    alone, against ``reference`` (the fp32 outputs; run here when not given).  ``progress()`` is
+    called once per model variant run."""
     _check_samples(model, samples, "evaluation data")
-    ref = run_model(model, samples)
+    ref = reference if reference is not None else run_model(model, samples)
     whole = run_model(quantize(model, cal), samples)
     if progress is not None:
         progress()
@@ -340,12 +341,11 @@ def measure(
     if labels is not None:
         prof.fp32_accuracy = round(accuracy_pts(ref, labels), 4)
         prof.int8_accuracy = round(accuracy_pts(whole, labels), 4)
-    if per_op:
-        for op in quantizable_ops(model):
-            got = run_model(quantize(model, cal, [op]), samples)
-            prof.op_drop_pts[op] = round(drop_pts(ref, got, labels), 4)
-            if progress is not None:
-                progress()
+    for op in quantizable_ops(model):
+        got = run_model(quantize(model, cal, [op]), samples)
+        prof.op_drop_pts[op] = round(drop_pts(ref, got, labels), 4)
+        if progress is not None:
+            progress()
     return prof
 
 
