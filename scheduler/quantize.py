@@ -152,25 +152,43 @@ def calibrate(
 ) -> Calibration:
     """Run the fp32 ``model`` over ``samples`` (one feed dict each) and record every tensor's range
     (min/max calibration).  ``progress()`` is called once per sample."""
+    _check_samples(model, samples, "calibration data")
+    _, ranges = _quantize_static(model, per_channel, "calibration", reader=_Reader(samples, progress))
+    return Calibration(_share_activation_ranges(model, ranges), per_channel, len(samples))
+
+
+def _quantize_static(
+    model: onnx.ModelProto,
+    per_channel: bool,
+    what: str,
+    *,
+    reader: _Reader | None = None,
+    ranges: bytes | None = None,
+    ops: Sequence[str] | None = None,
+) -> tuple[bytes, bytes]:
+    """onnxruntime's QDQ ``quantize_static`` in a temporary folder, calibrating over ``reader`` or
+    reusing ``ranges`` (its calibration-cache JSON); returns the quantized model file and the ranges.
+    InferenceError names ``what`` failed."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
-    _check_samples(model, samples, "calibration data")
-    with tempfile.TemporaryDirectory(prefix="meshai-calib-") as tmp, _quiet():
-        cache = Path(tmp) / "ranges.json"
-        src = _saved(model, tmp)
+    with tempfile.TemporaryDirectory(prefix="meshai-quant-") as tmp, _quiet():
+        cache, out = Path(tmp) / "ranges.json", Path(tmp) / "q.onnx"
+        if ranges is not None:
+            cache.write_bytes(ranges)
         try:
             quantize_static(
-                src,
-                Path(tmp) / "q.onnx",
-                _Reader(samples, progress),
+                _saved(model, tmp),
+                out,
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=per_channel,
+                nodes_to_quantize=list(ops) if ops is not None else None,
                 calibration_cache_path=cache,
                 extra_options=dict(QUANT_OPTIONS),
             )
-        except (ValueError, RuntimeError, onnx.checker.ValidationError) as exc:
-            raise InferenceError(f"calibration failed: {exc}") from None
-        return Calibration(_share_activation_ranges(model, cache.read_bytes()), per_channel, len(samples))
+        except (ValueError, RuntimeError, KeyError, onnx.checker.ValidationError) as exc:
+            raise InferenceError(f"{what} failed: {exc}") from None
+        return out.read_bytes(), cache.read_bytes()
 
 
 def _share_activation_ranges(model: onnx.ModelProto, data: bytes) -> bytes:
@@ -195,29 +213,10 @@ def _share_activation_ranges(model: onnx.ModelProto, data: bytes) -> bytes:
 def quantize(model: onnx.ModelProto, cal: Calibration, ops: Sequence[str] | None = None) -> onnx.ModelProto:
     """The QDQ int8 variant of ``model`` (the calibrated model or a stage cut from it) from the ranges in
     ``cal``; with ``ops``, only those nodes are quantized (the rest stay fp32)."""
-    from onnxruntime.quantization import QuantFormat, quantize_static
-
     if ops is not None and not ops:
         return model
-    with tempfile.TemporaryDirectory(prefix="meshai-quant-") as tmp, _quiet():
-        cache = Path(tmp) / "ranges.json"
-        cache.write_bytes(cal.data)
-        out = Path(tmp) / "q.onnx"
-        src = _saved(model, tmp)
-        try:
-            quantize_static(
-                src,
-                out,
-                None,
-                quant_format=QuantFormat.QDQ,
-                per_channel=cal.per_channel,
-                nodes_to_quantize=list(ops) if ops is not None else None,
-                calibration_cache_path=cache,
-                extra_options=dict(QUANT_OPTIONS),
-            )
-        except (ValueError, RuntimeError, KeyError) as exc:
-            raise InferenceError(f"int8 quantization failed: {exc}") from None
-        return onnx.load(str(out))
+    raw, _ = _quantize_static(model, cal.per_channel, "int8 quantization", ranges=cal.data, ops=ops)
+    return onnx.load_from_string(raw)
 
 
 def quantizable_ops(model: onnx.ModelProto) -> list[str]:
@@ -303,17 +302,6 @@ class QuantProfile:
             "fp32_accuracy": self.fp32_accuracy,
             "int8_accuracy": self.int8_accuracy,
         }
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> QuantProfile:
-        return cls(
-            metric=str(d["metric"]),
-            samples=int(d["samples"]),
-            whole_drop_pts=float(d["whole_drop_pts"]),
-            op_drop_pts={str(k): float(v) for k, v in dict(d["op_drop_pts"]).items()},
-            fp32_accuracy=None if d.get("fp32_accuracy") is None else float(d["fp32_accuracy"]),
-            int8_accuracy=None if d.get("int8_accuracy") is None else float(d["int8_accuracy"]),
-        )
 
 
 def measure(
