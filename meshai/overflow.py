@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +41,8 @@ class OverflowReport:
     """Where every request went and how it went."""
 
     results: list[Tensors | BaseException]
+    threshold: int  # the policy's queue threshold
+    rate_rps: float | None  # arrivals per second (None: a burst)
     routed: dict[Target, int]
     completed: dict[Target, int]
     rules: dict[str, int]
@@ -64,12 +66,12 @@ class OverflowReport:
             return percentiles_ms(self.latencies_s.get(target, []))
         return percentiles_ms([x for v in self.latencies_s.values() for x in v])
 
-    def to_dict(self, policy: OffloadPolicy, rate: float | None) -> dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         """The ``offload`` section of a sim report."""
         return {
             "backend": "ray",
-            "threshold": policy.queue_threshold,
-            "rate_rps": rate,
+            "threshold": self.threshold,
+            "rate_rps": self.rate_rps,
             "swarm": self.routed["swarm"],
             "ray": self.routed["ray"],
             "completed": dict(self.completed),
@@ -104,7 +106,7 @@ class OverflowRouter:
         self,
         requests: Sequence[Tensors],
         rate: float | None = None,
-        on_result: Any = None,
+        on_result: Callable[[], None] | None = None,
     ) -> OverflowReport:
         """Send ``requests`` (all at once, or ``rate`` per second) and wait for every result.
 
@@ -154,6 +156,8 @@ class OverflowRouter:
             raise MeshaiError(f"overflow run ended without a result for requests {missing[:10]}")
         return OverflowReport(
             results=[r for r in results if r is not None],
+            threshold=self.policy.queue_threshold,
+            rate_rps=rate,
             routed={"swarm": counter.swarm, "ray": counter.ray},
             completed=counter.completed,
             rules=dict(rules),

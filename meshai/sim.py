@@ -463,7 +463,7 @@ async def _run_sim(
                 with Progress("requests", len(requests)) as bar:
                     if ray_model is not None:
                         over = await _overflow(opts, pipe, ray_model, requests, bar.advance)
-                        results, overflow = over.results, over.to_dict(_policy(opts), opts.rate)
+                        results, overflow = over.results, over.to_dict()
                         latency_ms, throughput_rps = over.latency_ms(), over.throughput_rps()
                     else:
                         async for out in pipe.stream(requests):
@@ -570,20 +570,16 @@ def _precision_report(
     return out
 
 
-def _policy(opts: SimOptions) -> Any:
-    from scheduler.offload import OffloadPolicy
-
-    assert opts.offload_threshold is not None
-    return OffloadPolicy(queue_threshold=opts.offload_threshold)
-
-
 async def _overflow(
     opts: SimOptions, pipe: Any, ray_model: Any, requests: list[dict[str, np.ndarray]], advance: Any
 ) -> Any:
     """Requests routed between the swarm's pipeline and Ray by the offload policy."""
     from meshai.overflow import OverflowRouter
+    from scheduler.offload import OffloadPolicy
 
-    router = OverflowRouter(pipe, ray_model, _policy(opts), batch_size=opts.batch)
+    assert opts.offload_threshold is not None
+    policy = OffloadPolicy(queue_threshold=opts.offload_threshold)
+    router = OverflowRouter(pipe, ray_model, policy, batch_size=opts.batch)
     return await router.run(requests, rate=opts.rate, on_result=advance)
 
 
