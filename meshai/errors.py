@@ -57,3 +57,9 @@ def check_min(name: str, value: int, lo: int, error: type[MeshaiError] = ConfigE
     """Raise ``error`` ("NAME must be >= LO, got VALUE") when ``value`` is below ``lo``."""
     if value < lo:
         raise error(f"{name} must be >= {lo}, got {value}")
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

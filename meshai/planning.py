@@ -152,28 +152,37 @@ class Quantization:
 
 
 def read_samples(
-    path: str | os.PathLike[str], names: Sequence[str], what: str
+    path: str | os.PathLike[str], model: onnx.ModelProto, what: str
 ) -> list[dict[str, np.ndarray]]:
-    """Samples (one feed dict each) from one npz or a directory of them (ARCHITECTURE.md layout)."""
+    """Samples (one feed dict each) from one npz or a directory of them (ARCHITECTURE.md layout),
+    checked against ``model``'s inputs (names, dtypes, ranks); ConfigError names ``what``."""
     from meshai.batch_cli import read_inputs
-    from meshai.tensors import request_slices
+    from meshai.tensors import input_specs, request_slices
+    from nodes.executor import StageSession
 
     if not Path(path).exists():
         raise ConfigError(f"{what} {str(path)!r} does not exist")
-    samples = request_slices(read_inputs(Path(path), list(names)))
+    samples = request_slices(read_inputs(Path(path), [s.name for s in input_specs(model)]))
     if not samples:
         raise ConfigError(f"{what} {str(path)!r} holds no samples")
+    StageSession(model, name=f"{what} {str(path)!r}").check_feeds(samples[0])
     return samples
 
 
-def read_labels(path: str | os.PathLike[str], count: int) -> np.ndarray:
-    """The ``labels`` array of an npz, one per evaluation sample row."""
+def read_labels(path: str | os.PathLike[str], rows: int) -> np.ndarray:
+    """The integer ``labels`` array of an npz, one per evaluation row (``rows`` of them)."""
     from meshai.tensors import load_npz
 
-    labels = load_npz(path, ["labels"])["labels"].reshape(-1)
-    if labels.size != count:
-        raise ConfigError(f"--labels {str(path)!r} holds {labels.size} labels for {count} evaluation rows")
-    return labels
+    labels = load_npz(path, ["labels"])["labels"]
+    if labels.dtype.kind not in "iu":
+        raise ConfigError(
+            f"--labels {str(path)!r}: 'labels' must hold integer class ids, got dtype {labels.dtype}"
+        )
+    if labels.size != rows:
+        raise ConfigError(
+            f"--labels {str(path)!r} holds {labels.size} labels, but the eval data gives {rows} predictions"
+        )
+    return labels.reshape(-1)
 
 
 def prepare_quantization(
@@ -189,17 +198,16 @@ def prepare_quantization(
     from meshai.progress import Progress
     from scheduler.quantize import Calibration, calibrate, measure, quantizable_ops, run_model, top1
 
-    inputs = list(loaded.graph.inputs)
     if labels and not eval_data:
         raise ConfigError("--labels needs --eval (the samples they label)")
     cal_samples: list[dict[str, np.ndarray]] = []
     if str(calibration).endswith(".json"):
         cal = Calibration.load(calibration)
     else:
-        cal_samples = read_samples(calibration, inputs, "--calibration")
+        cal_samples = read_samples(calibration, loaded.model, "--calibration")
         with Progress("calibrating", len(cal_samples)) as bar:
             cal = calibrate(loaded.model, cal_samples, per_channel=per_channel, progress=bar.advance)
-    samples = read_samples(eval_data, inputs, "--eval") if eval_data else cal_samples
+    samples = read_samples(eval_data, loaded.model, "--eval") if eval_data else cal_samples
     if not samples:
         raise ConfigError("--calibration is a calibration file: name --eval samples to measure int8 on")
     ref = run_model(loaded.model, samples)

@@ -23,11 +23,10 @@ import numpy as np
 import onnx
 
 from meshai.argtypes import positive_int as _positive
-from meshai.errors import ConfigError, MeshaiError
+from meshai.errors import ConfigError, MeshaiError, first_line
 from meshai.models import load_model, model_name, resolve_model
 from meshai.progress import Progress
 from meshai.tables import format_table, human_bytes
-from meshai.tensors import input_specs, load_npz, request_slices
 
 __all__ = ["add_digits_parser", "add_quantize_parser", "cmd_digits", "cmd_quantize", "compare_int8"]
 
@@ -36,36 +35,6 @@ Feeds = Mapping[str, np.ndarray]
 
 #: Samples ``quantize`` times each model over (the first ones of the eval or calibration data).
 TIMING_SAMPLES = 200
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
-def _samples(path: str, flag: str, model: onnx.ModelProto) -> list[dict[str, np.ndarray]]:
-    """The feeds of ``path`` (an npz or a directory of them), checked against the model's inputs."""
-    from meshai.batch_cli import read_inputs
-    from nodes.executor import StageSession
-
-    if not Path(path).exists():
-        raise ConfigError(f"{flag} {path!r} does not exist")
-    samples = request_slices(read_inputs(path, [s.name for s in input_specs(model)]))
-    if not samples:
-        raise ConfigError(f"{flag} {path!r} holds no samples")
-    check = StageSession(model, name=f"{flag} {path!r}")
-    for s in samples[:1]:
-        check.check_feeds(s)
-    return samples
-
-
-def _labels(path: str) -> np.ndarray:
-    labels = load_npz(path, ["labels"])["labels"]
-    if labels.dtype.kind not in "iu":
-        raise ConfigError(
-            f"--labels {path!r}: 'labels' must hold integer class ids, got dtype {labels.dtype}"
-        )
-    return labels.reshape(-1)
 
 
 def compare_int8(
@@ -84,7 +53,6 @@ def compare_int8(
     from scheduler.quantize import accuracy_pts, drop_pts, run_model, timed_ms
 
     ref = run_model(fp32, samples) if ref is None else ref
-    _check_labels(labels, ref)
     got = run_model(int8, samples)
     timed = list(samples[:timing_samples])
     fp32_ms = timed_ms(fp32, timed, repeats)
@@ -107,14 +75,6 @@ def compare_int8(
     return out
 
 
-def _check_labels(labels: np.ndarray | None, ref: Sequence[Feeds], what: str = "labels") -> None:
-    from scheduler.quantize import top1
-
-    rows = top1(ref).size
-    if labels is not None and labels.size != rows:
-        raise ConfigError(f"{what} holds {labels.size} labels, but the eval data gives {rows} predictions")
-
-
 def _write(path: Path, data: bytes, what: str) -> None:
     try:
         path.write_bytes(data)
@@ -124,8 +84,9 @@ def _write(path: Path, data: bytes, what: str) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     """``meshai quantize``: calibrate, write the int8 model and its ranges, report what int8 costs."""
+    from meshai.planning import read_labels, read_samples
     from scheduler.graph import normalize_model
-    from scheduler.quantize import calibrate, quantize, run_model
+    from scheduler.quantize import calibrate, quantize, run_model, top1
 
     if args.labels and not args.eval:
         raise ConfigError("--labels needs --eval (the samples the labels belong to)")
@@ -138,18 +99,16 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not path.parent.is_dir():
             raise ConfigError(f"{flag} {str(path)!r}: folder {str(path.parent)!r} does not exist")
     model = normalize_model(load_model(src))
-    cal_samples = _samples(args.calibration, "--calibration", model)
-    eval_samples = _samples(args.eval, "--eval", model) if args.eval else None
-    labels = _labels(args.labels) if args.labels else None
+    cal_samples = read_samples(args.calibration, model, "--calibration")
+    eval_samples = read_samples(args.eval, model, "--eval") if args.eval else None
     ref = run_model(model, eval_samples) if eval_samples is not None else None
-    if ref is not None:
-        _check_labels(labels, ref, f"--labels {args.labels!r}")
+    labels = read_labels(args.labels, top1(ref).size) if args.labels and ref is not None else None
     try:
         with Progress("calibrate", total=len(cal_samples)) as bar:
             cal = calibrate(model, cal_samples, per_channel=args.per_channel, progress=bar.advance)
         int8 = quantize(model, cal)
     except MeshaiError as exc:
-        raise type(exc)(_one_line(exc)) from None
+        raise type(exc)(first_line(exc)) from None
     _write(out, int8.SerializeToString(), "the int8 model")
     _write(cal_out, cal.to_bytes(), "the calibration")
     fp32_bytes, int8_bytes = src.stat().st_size, out.stat().st_size

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from meshai.errors import ConfigError, InferenceError, check_min
+from meshai.errors import ConfigError, InferenceError, check_min, first_line
 from meshai.plan import Plan
 
 __all__ = [
@@ -119,7 +119,7 @@ class StageSession:
                 data, sess_options=session_options(threads), providers=chosen
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise InferenceError(f"{name}: onnxruntime cannot load the model: {_first_line(exc)}") from None
+            raise InferenceError(f"{name}: onnxruntime cannot load the model: {first_line(exc)}") from None
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
         ins = self._session.get_inputs()
         outs = self._session.get_outputs()
@@ -187,7 +187,7 @@ class StageSession:
         try:
             results = self._session.run(None, checked)
         except Exception as exc:  # onnxruntime's errors are not MeshaiErrors
-            raise InferenceError(f"{self.name}: onnxruntime failed: {_first_line(exc)}") from None
+            raise InferenceError(f"{self.name}: onnxruntime failed: {first_line(exc)}") from None
         return {n: np.asarray(r) for n, r in zip(self.output_names, results, strict=True)}
 
     def warmup(self, batch: int = 1, runs: int = 1) -> None:
@@ -207,11 +207,6 @@ class StageSession:
 
 def _fmt(shape: Sequence[int | str | None]) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @runtime_checkable
