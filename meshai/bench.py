@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -1147,9 +1148,10 @@ def _quant_row(
     fp32_path = work / f"{name}.onnx"
     onnx.save(model, str(fp32_path))
     ref = run_model(model, samples)
+    cal = calibrate(model, calibration)  # activation ranges: the weight layout is chosen when quantizing
     variants: list[dict[str, Any]] = []
     for per_channel in (False, True):
-        int8 = quantize(model, calibrate(model, calibration, per_channel=per_channel))
+        int8 = quantize(model, dataclasses.replace(cal, per_channel=per_channel))
         int8_path = work / f"{name}.{'pc' if per_channel else 'pt'}.int8.onnx"
         onnx.save(int8, str(int8_path))
         fp32_bytes, int8_bytes = fp32_path.stat().st_size, int8_path.stat().st_size
