@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import secrets
 import time
@@ -31,7 +32,7 @@ from meshai.capabilities import NodeCapability, capability_from_dict
 from meshai.discovery import Advert, Discovery, make_discovery
 from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError, SecurityError
 from meshai.peers import PeerPool
-from meshai.pipeline import Pipeline, stage_deployment_id
+from meshai.pipeline import Generation, Pipeline, stage_deployment_id
 from meshai.plan import Constraints, Plan
 from meshai.planning import (
     LoadedModel,
@@ -42,12 +43,14 @@ from meshai.planning import (
     plan_measured,
 )
 from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
+from meshai.supervise import MeshSupervisor
 from meshai.transport import Channel
 
 if TYPE_CHECKING:
     import onnx
 
     from meshai.security import Trust
+    from scheduler.adapt import SloConfig
 
 __all__ = ["Mesh", "Peer", "Pipeline", "RemoteDeployment"]
 
@@ -110,7 +113,8 @@ class Mesh:
         )
         self._discovery: Discovery = make_discovery(discovery, interfaces, peers, mesh)
         self.pool = PeerPool(self._hello, self._on_message, None, self._on_lost, trust=self.trust)
-        self._pipelines: dict[str, Pipeline] = {}
+        self._routes: dict[str, Pipeline] = {}  # stage-deployment id -> the pipeline it belongs to
+        self._pipelines: list[Pipeline] = []  # every pipeline this mesh runs
         self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
         self._peers: dict[str, Peer] = {}
         self.untrusted: dict[str, dict[str, str]] = {}
@@ -121,6 +125,8 @@ class Mesh:
             set()
         )  # the entry's figures: end-to-end latency, requests, drift  # advertised but not proven members: id -> reason
         self._models: dict[str, LoadedModel] = {}  # by name: what plan() loaded, for deploy(plan)
+        # by model name: the constraints (and int8 measurements) plan() used, for replanning
+        self._planned: dict[str, tuple[Constraints, Quantization | None]] = {}
         self._next_rid = 1
 
     def _hello(self) -> Hello:
@@ -136,9 +142,9 @@ class Mesh:
 
     async def close(self) -> None:
         """Close every pipeline, channel and the discovery."""
-        for p in list(self._pipelines.values()):
+        for p in list(self._pipelines):
             with contextlib.suppress(MeshaiError):
-                await p.close()
+                await self._close_pipeline(p)
         self._pipelines.clear()
         await self.pool.close()
         with contextlib.suppress(Exception):
@@ -237,6 +243,7 @@ class Mesh:
         constraints = Constraints(
             objective=objective, stages=stages, pins=dict(pins or {}), max_accuracy_drop=max_accuracy_drop
         )
+        self._planned[loaded.name] = (constraints, quantization)
         if quantization is not None:
             return plan_measured(loaded, caps, constraints, quantization), loaded
         return make_plan(loaded, caps, constraints), loaded
@@ -260,33 +267,39 @@ class Mesh:
             )
         return found
 
-    async def _deploy_stages(
-        self, pipe: Pipeline, plan: Plan, model: LoadedModel | None, package: tuple[bytes, str] | None
+    async def _deploy_generation(
+        self,
+        pipe: Pipeline,
+        gen: Generation,
+        model: LoadedModel | None,
+        package: tuple[bytes, str] | None,
+        has_package: set[str] | None = None,
     ) -> None:
-        """Deploy a plan's stages: from a signed package each node cuts its own stage out of (uploaded
-        first), or as stage models extracted here."""
-        for node in pipe.nodes:
+        """Deploy one generation of a pipeline: from a signed package each node cuts its own stage out
+        of (uploaded first to the nodes not in ``has_package``, which is then updated), or as stage
+        models extracted here."""
+        plan = gen.plan
+        for node in gen.nodes:
             peer = self._peers.get(node)
             if peer is None:
                 raise PeerError(f"plan names node {node!r}, which this mesh has not connected")
             self.pool.remember(node, peer.address)
-        self._pipelines[pipe.stage_deployment] = pipe
-        try:
-            built: list[onnx.ModelProto] | None = None
-            wire: dict[int, list[str]] = {}
-            if package is None or any(s.precision == "int8" for s in plan.stages):
-                # int8 stages: which tensors cross as int8 is known once both ends are built
-                built, wire = await asyncio.to_thread(built_stages, self._model_for(plan, model), plan)
-            if package is not None:
-                data, ref = package
-                await pipe.upload(data, ref)
-                await pipe.deploy(None, package=ref, wire_int8=wire)
-            else:
-                assert built is not None
-                await pipe.deploy([m.SerializeToString() for m in built], wire_int8=wire)
-        except BaseException:
-            self._pipelines.pop(pipe.stage_deployment, None)
-            raise
+        built: list[onnx.ModelProto] | None = None
+        wire: dict[int, list[str]] = {}
+        if package is None or any(s.precision == "int8" for s in plan.stages):
+            # int8 stages: which tensors cross as int8 is known once both ends are built
+            built, wire = await asyncio.to_thread(built_stages, self._model_for(plan, model), plan)
+        if package is not None:
+            data, ref = package
+            have = has_package if has_package is not None else set()
+            todo = [n for n in dict.fromkeys(gen.nodes) if n not in have]
+            if todo:
+                await pipe.upload(data, ref, nodes=todo)
+                have.update(todo)
+            await pipe.deploy(None, package=ref, wire_int8=wire, gen=gen)
+        else:
+            assert built is not None
+            await pipe.deploy([m.SerializeToString() for m in built], wire_int8=wire, gen=gen)
 
     async def deploy_pipeline(
         self,
@@ -297,11 +310,27 @@ class Mesh:
         name: str | None = None,
         request_timeout: float = 120.0,
         package: tuple[bytes, str] | None = None,
+        recover: bool = True,
+        slo: SloConfig | None = None,
     ) -> Pipeline:
         """Deploy ``plan``'s stages and return the running Pipeline (close it with ``await p.close()``).
 
         ``package`` is ``(signed package bytes, "name@version")``: nodes verify it and cut their stages
-        out of it themselves (nodes started with ``--trusted-key`` accept nothing else)."""
+        out of it themselves (nodes started with ``--trusted-key`` accept nothing else).
+
+        With ``recover`` (the default) the pipeline survives lost nodes: it replans over the live nodes,
+        deploys the new plan and replays the requests in flight (see ``meshai.pipeline``); lost nodes
+        that come back, and new ones, are offered to the planner.  ``slo`` adds the closed loop that
+        replans when p95 latency stays above it.  ``recover=False`` fails the requests a lost node
+        touched instead."""
+        loaded = self._model_for(plan, model)
+        supervisor: MeshSupervisor | None = None
+        if recover:
+            constraints, quant = self._planned.get(loaded.name, (Constraints(objective=plan.objective), None))
+            constraints = dataclasses.replace(constraints, objective=plan.objective, pins=dict(plan.pins))
+            supervisor = MeshSupervisor(self, loaded, constraints, package, quant, slo=slo)
+        elif slo is not None:
+            raise ConfigError("an SLO needs recover=True (it replans)")
         pipe = Pipeline(
             name or plan.model or "model",
             plan,
@@ -311,9 +340,28 @@ class Mesh:
             metrics=self.metrics,
             version=package[1].rpartition("@")[2] if package else "",
             tensor_bytes=self._tensor_bytes(plan, model),
+            registry=self._routes,
+            supervisor=supervisor,
         )
-        await self._deploy_stages(pipe, plan, model, package)
+        try:
+            await self._deploy_generation(
+                pipe, pipe.gen, loaded, package, supervisor.has_package if supervisor else None
+            )
+        except BaseException:
+            await pipe.close()
+            raise
+        self._pipelines.append(pipe)
+        if supervisor is not None:
+            supervisor.start(pipe)
         return pipe
+
+    async def _close_pipeline(self, pipe: Pipeline) -> None:
+        if pipe in self._pipelines:
+            self._pipelines.remove(pipe)
+        sup = pipe.supervisor
+        if isinstance(sup, MeshSupervisor):
+            await sup.stop()
+        await pipe.close()
 
     @contextlib.asynccontextmanager
     async def deploy(
@@ -324,16 +372,23 @@ class Mesh:
         window: int = 16,
         request_timeout: float = 120.0,
         package: tuple[bytes, str] | None = None,
+        recover: bool = True,
+        slo: SloConfig | None = None,
     ) -> AsyncIterator[Pipeline]:
-        """``async with mesh.deploy(plan) as pipeline``: stages released on exit."""
+        """``async with mesh.deploy(plan) as pipeline``: stages released on exit (see ``deploy_pipeline``)."""
         pipe = await self.deploy_pipeline(
-            plan, model, window=window, request_timeout=request_timeout, package=package
+            plan,
+            model,
+            window=window,
+            request_timeout=request_timeout,
+            package=package,
+            recover=recover,
+            slo=slo,
         )
         try:
             yield pipe
         finally:
-            self._pipelines.pop(pipe.stage_deployment, None)
-            await pipe.close()
+            await self._close_pipeline(pipe)
 
     # ----- long-lived deployments
 
@@ -355,9 +410,9 @@ class Mesh:
         if entry not in self.peers():
             raise PeerError(f"entry node {entry!r} is not connected")
         sid = stage_deployment_id(name)
-        pipe = Pipeline(name, plan, self.pool, stage_id=sid, owner=False)
+        pipe = Pipeline(name, plan, self.pool, stage_id=sid, owner=False, registry=self._routes)
         try:
-            await self._deploy_stages(pipe, plan, model, package)
+            await self._deploy_generation(pipe, pipe.gen, model, package)
             addresses = {n: self._peers[n].address for n in pipe.nodes}
             reply = await self.pool.control(
                 entry,
@@ -370,7 +425,7 @@ class Mesh:
             for node in pipe.nodes:
                 await self.pool.control(node, "adopt_stages", {"stage_deployment": sid, "entry": entry})
         finally:
-            self._pipelines.pop(sid, None)
+            self._routes.pop(sid, None)
         return {"name": name, "entry": entry, "plan": plan.to_dict()}
 
     async def deployments(self) -> list[dict[str, Any]]:
@@ -410,10 +465,10 @@ class Mesh:
             if fut is not None and not fut.done():
                 fut.set_result(msg)
                 return
-        if dep is not None and dep in self._pipelines:
-            await self._pipelines[dep].on_message(peer, msg, ch)
+        if dep is not None and dep in self._routes:
+            await self._routes[dep].on_message(peer, msg, ch)
         elif isinstance(msg, Uploaded):
-            for p in list(self._pipelines.values()):
+            for p in {id(p): p for p in self._routes.values()}.values():
                 await p.on_message(peer, msg, ch)
 
     def _update_peer_gauge(self) -> None:
@@ -426,11 +481,36 @@ class Mesh:
             self._lost.add(peer)
         self._update_peer_gauge()
         self._discovery.forget(peer)
-        for p in list(self._pipelines.values()):
+        for p in {id(p): p for p in self._routes.values()}.values():
             await p.on_lost(peer, reason)
         for (node, _rid), fut in list(self._remote_waiters.items()):
             if node == peer and not fut.done():
                 fut.set_exception(PeerError(f"entry node {peer!r} is gone: {reason}"))
+
+    def unreachable(self) -> list[str]:
+        """Nodes lost and not reached since, plus nodes advertised but never connected."""
+        known = set(self._peers)
+        fresh = [a for a, _ in self._discovery.peers().items() if a not in known]
+        return sorted(self._lost - set(self.peers())) + sorted(fresh)
+
+    async def reach(self, name: str) -> bool:
+        """Try to (re)connect to node ``name``: a lost one at its last address, a new one from its advert.
+        True when it is connected."""
+        if name in self.peers():
+            return True
+        peer = self._peers.get(name)
+        if peer is not None:
+            ch = await self.pool.get(name, peer.address)
+            hello = ch.their_hello
+            self._peers[name] = Peer(
+                hello.node_id, hello.listen or peer.address, capability_from_dict(hello.capabilities)
+            )
+        else:
+            advert = self._discovery.peers().get(name)
+            if advert is None or await self._connect_advert(advert) is None:
+                return False
+        self._update_peer_gauge()
+        return name in self.peers()
 
     def _remote_rid(self) -> int:
         self._next_rid += 1

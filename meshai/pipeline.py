@@ -3,8 +3,18 @@
 The entry is the caller's process (``meshai run``, ``meshai sim``, ``Mesh.deploy``) or, for a
 long-lived deployment, a node that hosts it.  The entry sends each request's graph inputs to the
 stages that read them; stages forward activations straight to each other; the stages that produce
-graph outputs send ``Result`` back to the entry.  A request that touches a node which dies fails with
-a ``PeerError`` naming it; a request never waits forever (``request_timeout``).
+graph outputs send ``Result`` back to the entry.
+
+Nothing is lost: the entry keeps the inputs of every request in flight until its result arrives.  A
+pipeline runs one *generation* (a plan deployed under its own stage-deployment id) at a time for new
+requests; ``replan(plan)`` deploys a new generation beside the old one, sends new requests there, lets
+the old one drain and then releases it.  With a ``Supervisor`` (``Mesh.deploy`` gives one), a node of the
+current plan that dies makes the entry replan over the live nodes, deploy the new generation and replay
+the requests that were in flight on the old one; results are delivered exactly once per request (a
+result from a superseded generation — a stage that was slow rather than dead — is dropped and counted)
+and in submission order.  If no plan is possible any more, requests fail with a ``PlanError`` saying
+why.  Without a supervisor a node's death fails the requests it touched with a ``PeerError`` naming it.
+A request never waits forever (``request_timeout``).
 """
 
 from __future__ import annotations
@@ -14,13 +24,13 @@ import contextlib
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from meshai.errors import DeploymentError, InferenceError, MeshaiError, PeerError
+from meshai.errors import DeploymentError, InferenceError, MeshaiError, PeerError, PlanError
 from meshai.peers import PeerPool
 from meshai.plan import Plan
 from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy, Upload, Uploaded
@@ -50,7 +60,7 @@ def percentiles_ms(values_s: Sequence[float]) -> dict[str, float]:
 
 @dataclass
 class PipelineStats:
-    """What the entry measured: per-request latency, bytes sent, outcomes."""
+    """What the entry measured: per-request latency, bytes sent, outcomes, replays."""
 
     latencies_s: list[float] = field(default_factory=list)
     ok: int = 0
@@ -58,6 +68,10 @@ class PipelineStats:
     bytes_sent: int = 0
     first_sent: float | None = None
     last_result: float | None = None
+    replayed: int = 0  # requests sent again on a new generation after a node was lost
+    stale: int = 0  # results and errors from superseded generations (or repeats), dropped
+    replans: int = 0  # generations switched to after the first (recoveries and live replans)
+    duplicated: int = 0  # results delivered twice for one request: must stay 0
 
     def latency_ms(self) -> dict[str, float]:
         """End-to-end latency percentiles of the requests that succeeded."""
@@ -68,6 +82,70 @@ class PipelineStats:
         if self.first_sent is None or self.last_result is None or self.last_result <= self.first_sent:
             return 0.0
         return round(self.ok / (self.last_result - self.first_sent), 3)
+
+
+@dataclass
+class Generation:
+    """One deployed plan of a pipeline: the stage-deployment id its stages run under, and where the
+    graph inputs go."""
+
+    number: int
+    plan: Plan
+    deployment: str
+    input_routes: dict[str, list[str]]  # node -> graph inputs it reads
+    nodes: tuple[str, ...]
+    reuse: str = ""  # the generation whose loaded stages this one may take over where unchanged
+    pace_ms: dict[int, float] | None = None  # per stage: the time a paced node emulates (default predicted)
+    deployed_at: float | None = None
+    first_result_at: float | None = None
+
+    @classmethod
+    def of(cls, number: int, plan: Plan, deployment: str) -> Generation:
+        """The generation that runs ``plan`` under ``deployment``."""
+        routes: dict[str, list[str]] = {}
+        for s in plan.stages:
+            mine = [t for t in s.inputs if t in plan.inputs]
+            if mine:
+                routes[s.node] = mine
+        return cls(number, plan, deployment, routes, tuple(s.node for s in plan.stages))
+
+
+@dataclass
+class Recovery:
+    """One node loss handled by the entry: when it was seen, when the new plan served, what was replayed
+    (times are ``time.perf_counter()`` values)."""
+
+    lost: tuple[str, ...]
+    reason: str
+    detected_at: float
+    replayed: int = 0
+    deployed_at: float | None = None
+    generation: int | None = None
+    error: str = ""
+
+    def to_dict(self, first_result_at: float | None = None) -> dict[str, Any]:
+        """JSON-ready form; durations in seconds from detection."""
+        return {
+            "lost": list(self.lost),
+            "reason": self.reason,
+            "replayed": self.replayed,
+            "generation": self.generation,
+            "redeploy_s": None if self.deployed_at is None else round(self.deployed_at - self.detected_at, 4),
+            "first_result_s": None
+            if first_result_at is None
+            else round(first_result_at - self.detected_at, 4),
+            "error": self.error,
+        }
+
+
+class Supervisor(Protocol):
+    """What a pipeline needs to recover from a lost node: a new plan without it, and a way to deploy."""
+
+    def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
+        """A plan over the live nodes (PlanError if there is none)."""
+
+    async def deploy(self, pipe: Pipeline, gen: Generation) -> None:
+        """Deploy ``gen``'s stages (``pipe.deploy(..., gen=gen)``); MeshaiError on failure."""
 
 
 class Pipeline:
@@ -86,20 +164,21 @@ class Pipeline:
         metrics: Metrics | None = None,
         version: str = "",
         tensor_bytes: Mapping[str, int] | None = None,
+        registry: dict[str, Pipeline] | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.name = name
-        self.plan = plan
         self.pool = pool
-        self.stage_deployment = stage_id or stage_deployment_id(name)
         self.window = window
         self.request_timeout = request_timeout
         self.owner = owner
         self.stats = PipelineStats()
         self.metrics = metrics
         self.version = version
+        self.supervisor = supervisor
+        self.registry: dict[str, Pipeline] = registry if registry is not None else {}
         self._saved_per_request = 0
         self.drift: EntryDrift | None = None  # set by enable_drift()
-        self._inputs_kept: dict[int, dict[str, np.ndarray]] = {}
         self._since_drift_export = 0
         if metrics is not None:
             metrics.declare_model(name, version)
@@ -113,15 +192,64 @@ class Pipeline:
         self._futures: dict[int, asyncio.Future[Tensors]] = {}
         self._partial: dict[int, Tensors] = {}
         self._started: dict[int, float] = {}
-        self._deployed: dict[int, asyncio.Future[Deployed]] = {}
+        self._kept: dict[int, dict[str, np.ndarray]] = {}  # inputs of every request in flight
+        self._gen_of: dict[int, Generation] = {}  # the generation a request was (last) sent to
+        self._deployed: dict[tuple[str, int], asyncio.Future[Deployed]] = {}
         self._uploaded: dict[str, asyncio.Future[Uploaded]] = {}
         self._closed = False
-        self.input_routes: dict[str, list[str]] = {}  # node -> graph inputs it reads
-        for s in plan.stages:
-            mine = [t for t in s.inputs if t in plan.inputs]
-            if mine:
-                self.input_routes[s.node] = mine
-        self.nodes = tuple(s.node for s in plan.stages)
+        self._generations = 0
+        self._all_gens: dict[int, Generation] = {}
+        self.gen = self._new_generation(plan, stage_id)
+        self.generations: list[Generation] = [self.gen]  # every generation still deployed
+        self.recoveries: list[Recovery] = []
+        self._dead: set[str] = set()  # nodes declared lost and not seen since
+        self._ready = asyncio.Event()  # cleared while a recovery deploys a new generation
+        self._ready.set()
+        self._broken: PlanError | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self._switch_lock = asyncio.Lock()
+        self._bg: set[asyncio.Task[Any]] = set()
+
+    # ----- generations
+
+    @property
+    def plan(self) -> Plan:
+        """The plan new requests run on."""
+        return self.gen.plan
+
+    @property
+    def stage_deployment(self) -> str:
+        """The stage-deployment id new requests run under."""
+        return self.gen.deployment
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """The nodes of the current plan, stage by stage."""
+        return self.gen.nodes
+
+    @property
+    def input_routes(self) -> dict[str, list[str]]:
+        """Node -> the graph inputs it reads, in the current plan."""
+        return self.gen.input_routes
+
+    def _new_generation(self, plan: Plan, deployment: str | None = None) -> Generation:
+        self._generations += 1
+        gen = Generation.of(self._generations, plan, deployment or stage_deployment_id(self.name))
+        self.registry[gen.deployment] = self
+        self._all_gens[gen.number] = gen
+        return gen
+
+    def _retire(self, gen: Generation) -> None:
+        """Forget a generation whose stages are released."""
+        if gen in self.generations:
+            self.generations.remove(gen)
+        if self.registry.get(gen.deployment) is self:
+            del self.registry[gen.deployment]
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     def enable_drift(
         self,
@@ -155,34 +283,48 @@ class Pipeline:
         options: Mapping[str, Any] | None = None,
         package: str = "",
         wire_int8: Mapping[int, Sequence[str]] | None = None,
+        gen: Generation | None = None,
     ) -> list[Deploy]:
-        """One Deploy message per stage (what ``deploy`` sends): the stage's model bytes, or — with
-        ``package`` — a reference to a signed package the node holds plus the stage's cut tensors.
-        ``wire_int8`` names, per stage id, the boundary tensors it sends or receives as int8."""
+        """One Deploy message per stage of ``gen`` (default: the current generation): the stage's model
+        bytes, or — with ``package`` — a reference to a signed package the node holds plus the stage's
+        cut tensors.  ``wire_int8`` names, per stage id, the boundary tensors it sends or receives as int8.
+        A stage the generation ``gen.reuse`` already runs unchanged on the same node (same tensors in and
+        out, same precision) is marked for reuse: the node takes over its loaded session."""
+        gen = gen or self.gen
+        plan = gen.plan
         if package:
-            stage_models = [b""] * len(self.plan.stages)
-        if stage_models is None or len(stage_models) != len(self.plan.stages):
+            stage_models = [b""] * len(plan.stages)
+        if stage_models is None or len(stage_models) != len(plan.stages):
             n = 0 if stage_models is None else len(stage_models)
-            raise DeploymentError(f"{n} stage models for {len(self.plan.stages)} stages")
-        node_of = {s.id: s.node for s in self.plan.stages}
-        addresses = {n: self.pool.address_of(n) or "" for n in self.nodes}
+            raise DeploymentError(f"{n} stage models for {len(plan.stages)} stages")
+        node_of = {s.id: s.node for s in plan.stages}
+        addresses = {n: self.pool.address_of(n) or "" for n in gen.nodes}
+        before = next((g for g in self.generations if g.deployment == gen.reuse), None)
+        old = (
+            {}
+            if before is None
+            else {(s.node, s.inputs, s.outputs, s.precision): s for s in before.plan.stages}
+        )
         out = []
-        for s, model in zip(self.plan.stages, stage_models, strict=True):
+        for s, model in zip(plan.stages, stage_models, strict=True):
             routes = {t: tuple(node_of[d] for d in dests) for t, dests in s.routes.items()}
             opts = dict(options or {})
             opts.update(
                 {
                     "addresses": addresses,
                     "predicted_ms": s.predicted_ms,
+                    "pace_ms": (gen.pace_ms or {}).get(s.id, s.predicted_ms),
                     "precision": s.precision,
                     "wire_int8": list((wire_int8 or {}).get(s.id, ())),
-                    "to_entry": [t for t in s.outputs if t in self.plan.outputs],
+                    "to_entry": [t for t in s.outputs if t in plan.outputs],
                     "name": self.name,
                 }
             )
+            if before is not None and (s.node, s.inputs, s.outputs, s.precision) in old:
+                opts["reuse"] = before.deployment
             out.append(
                 Deploy(
-                    deployment=self.stage_deployment,
+                    deployment=gen.deployment,
                     stage_id=s.id,
                     model=model,
                     sha256=hashlib.sha256(model).hexdigest() if model else "",
@@ -197,13 +339,15 @@ class Pipeline:
             )
         return out
 
-    async def upload(self, package: bytes, ref: str, timeout: float = 120.0) -> None:
-        """Hand the signed package ``ref`` (``name@version``) to every node of the plan; each verifies and
-        stores it.  DeploymentError names the node that refused it and why."""
+    async def upload(
+        self, package: bytes, ref: str, timeout: float = 120.0, nodes: Sequence[str] | None = None
+    ) -> None:
+        """Hand the signed package ``ref`` (``name@version``) to every node of the plan (or ``nodes``);
+        each verifies and stores it.  DeploymentError names the node that refused it and why."""
         loop = asyncio.get_running_loop()
-        nodes = list(dict.fromkeys(self.nodes))
-        self._uploaded = {n: loop.create_future() for n in nodes}
-        await asyncio.gather(*(self.pool.send(n, Upload(ref, package)) for n in nodes))
+        targets = list(dict.fromkeys(nodes if nodes is not None else self.nodes))
+        self._uploaded = {n: loop.create_future() for n in targets}
+        await asyncio.gather(*(self.pool.send(n, Upload(ref, package)) for n in targets))
         try:
             async with asyncio.timeout(timeout):
                 acks = await asyncio.gather(*self._uploaded.values())
@@ -212,7 +356,7 @@ class Pipeline:
             raise DeploymentError(
                 f"no answer to upload from {', '.join(missing)} within {timeout:g} s"
             ) from None
-        for node, ack in zip(nodes, acks, strict=True):
+        for node, ack in zip(targets, acks, strict=True):
             if not ack.ok:
                 raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
 
@@ -223,43 +367,106 @@ class Pipeline:
         timeout: float = 120.0,
         package: str = "",
         wire_int8: Mapping[int, Sequence[str]] | None = None,
+        gen: Generation | None = None,
     ) -> None:
-        """Send every stage to its node and wait until all are loaded; DeploymentError names a refusal.
+        """Send every stage of ``gen`` (default: the current generation) to its node and wait until all
+        are loaded; DeploymentError names a refusal (the stages already loaded are released).
 
         With ``package`` (a ref already uploaded), each node cuts its own stage out of the package."""
-        msgs = self.deploy_messages(stage_models, options, package, wire_int8)
+        gen = gen or self.gen
+        msgs = self.deploy_messages(stage_models, options, package, wire_int8, gen)
         loop = asyncio.get_running_loop()
+        waits = {}
         for m in msgs:
-            self._deployed[m.stage_id] = loop.create_future()
-        await asyncio.gather(
-            *(self.pool.send(s.node, m) for s, m in zip(self.plan.stages, msgs, strict=True))
-        )
+            waits[m.stage_id] = self._deployed[(gen.deployment, m.stage_id)] = loop.create_future()
         try:
-            async with asyncio.timeout(timeout):
-                acks = await asyncio.gather(*self._deployed.values())
-        except TimeoutError:
-            missing = [self.plan.stages[k].node for k, f in self._deployed.items() if not f.done()]
-            raise DeploymentError(
-                f"no answer to deploy from {', '.join(missing)} within {timeout:g} s"
-            ) from None
-        bad = [a for a in acks if not a.ok]
-        if bad:
-            await self.undeploy()
-            b = bad[0]
-            raise DeploymentError(
-                f"node {self.plan.stages[b.stage_id].node!r} refused stage {b.stage_id}: {b.message}"
+            gone = [n for n in gen.nodes if n in self._dead]
+            if gone:
+                raise DeploymentError(f"node {gone[0]!r} of the plan is gone")
+            await asyncio.gather(
+                *(self.pool.send(s.node, m) for s, m in zip(gen.plan.stages, msgs, strict=True))
             )
+            try:
+                async with asyncio.timeout(timeout):
+                    acks = await asyncio.gather(*waits.values())
+            except TimeoutError:
+                missing = [gen.plan.stages[k].node for k, f in waits.items() if not f.done()]
+                raise DeploymentError(
+                    f"no answer to deploy from {', '.join(missing)} within {timeout:g} s"
+                ) from None
+            bad = [a for a in acks if not a.ok]
+            if bad:
+                b = bad[0]
+                raise DeploymentError(
+                    f"node {gen.plan.stages[b.stage_id].node!r} refused stage {b.stage_id}: {b.message}"
+                )
+        except BaseException:
+            await self._undeploy(gen)
+            raise
+        finally:
+            for k in waits:
+                self._deployed.pop((gen.deployment, k), None)
+        gen.deployed_at = time.perf_counter()
+
+    async def _undeploy(self, gen: Generation) -> None:
+        """Release one generation's stages on the nodes still reachable (best effort)."""
+        for node in dict.fromkeys(gen.nodes):
+            if node in self._dead:
+                continue
+            with contextlib.suppress(PeerError):
+                await self.pool.send(node, Undeploy(gen.deployment))
 
     async def undeploy(self) -> None:
-        """Release every stage (best effort)."""
-        for node in self.nodes:
-            with contextlib.suppress(PeerError):
-                await self.pool.send(node, Undeploy(self.stage_deployment))
+        """Release every generation's stages (best effort)."""
+        for gen in list(self.generations):
+            await self._undeploy(gen)
+
+    async def replan(
+        self,
+        plan: Plan,
+        deploy: Callable[[Pipeline, Generation], Awaitable[None]] | None = None,
+        *,
+        drain_timeout: float | None = None,
+    ) -> Generation:
+        """Move to ``plan`` while requests stream: deploy it beside the current plan (with ``deploy``, an
+        ``async (pipeline, generation)`` callable, or the supervisor's), send new requests there, let the
+        requests in flight on the old plan finish, then release the old stages.  Nothing is dropped.
+        Returns the new generation."""
+        deployer = deploy or (self.supervisor.deploy if self.supervisor is not None else None)
+        if deployer is None:
+            raise DeploymentError(f"pipeline {self.name!r} has no way to deploy a new plan")
+        async with self._switch_lock:
+            old = self.gen
+            gen = self._new_generation(plan)
+            gen.reuse = old.deployment
+            try:
+                await deployer(self, gen)
+            except BaseException:
+                self._retire(gen)
+                raise
+            self._switch(gen)
+        self._spawn(self._drain(old, drain_timeout or self.request_timeout), f"meshai-drain {old.deployment}")
+        return gen
+
+    def _switch(self, gen: Generation) -> None:
+        """New requests go to ``gen`` from now on."""
+        self.gen = gen
+        self.generations.append(gen)
+        self.stats.replans += 1
+
+    async def _drain(self, old: Generation, timeout: float) -> None:
+        """Release ``old`` once no request is in flight on it (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while any(g is old for g in self._gen_of.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await self._undeploy(old)
+        self._retire(old)
 
     # ----- requests
 
     async def submit(self, inputs: Mapping[str, np.ndarray]) -> asyncio.Future[Tensors]:
-        """Send one request (waits while ``window`` are in flight); returns the future of its outputs."""
+        """Send one request (waits while ``window`` are in flight, or while the plan is being repaired);
+        returns the future of its outputs."""
         missing = [t for t in self.plan.inputs if t not in inputs]
         if missing:
             raise InferenceError(
@@ -268,26 +475,37 @@ class Pipeline:
         if self._closed:
             raise InferenceError(f"pipeline {self.name!r} is closed")
         await self._sem.acquire()
+        await self._ready.wait()
+        if self._broken is not None or self._closed:
+            self._sem.release()
+            raise self._broken or InferenceError(f"pipeline {self.name!r} is closed")
         rid = self._next
         self._next += 1
         fut: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
         fut.add_done_callback(lambda _f: self._sem.release())
         self._futures[rid] = fut
         self._partial[rid] = {}
-        if self.drift is not None:
-            self._inputs_kept[rid] = {t: np.asarray(inputs[t]) for t in self.plan.inputs}
+        self._kept[rid] = {t: np.asarray(inputs[t]) for t in self.plan.inputs}
         now = time.perf_counter()
         self._started[rid] = now
         if self.stats.first_sent is None:
             self.stats.first_sent = now
-        try:
-            for node, names in self.input_routes.items():
-                msg = Infer(rid, self.stage_deployment, {t: np.asarray(inputs[t]) for t in names})
-                await self.pool.send(node, msg)
-                self.stats.bytes_sent += sum(np.asarray(inputs[t]).nbytes for t in names)
-        except PeerError as exc:
-            self._fail(rid, PeerError(f"request {rid}: {exc}"))
+        await self._send(rid, self.gen)
         return fut
+
+    async def _send(self, rid: int, gen: Generation) -> None:
+        """Send request ``rid``'s kept inputs to ``gen``'s input stages."""
+        self._gen_of[rid] = gen
+        kept = self._kept[rid]
+        try:
+            for node, names in gen.input_routes.items():
+                msg = Infer(rid, gen.deployment, {t: kept[t] for t in names})
+                await self.pool.send(node, msg)
+                self.stats.bytes_sent += sum(kept[t].nbytes for t in names)
+        except PeerError as exc:
+            if self.supervisor is None:
+                self._fail(rid, PeerError(f"request {rid}: {exc}"))
+            # supervised: the node's loss is (or is about to be) handled, and the request replayed
 
     async def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
         """Run one request and return its outputs."""
@@ -308,7 +526,7 @@ class Pipeline:
         self, batches: Iterable[Mapping[str, np.ndarray]] | AsyncIterable[Mapping[str, np.ndarray]]
     ) -> AsyncIterator[Tensors | BaseException]:
         """Results in submission order, up to ``window`` in flight; a failed request yields its exception."""
-        queue: asyncio.Queue[asyncio.Future[Tensors] | None] = asyncio.Queue()
+        queue: asyncio.Queue[asyncio.Future[Tensors] | BaseException | None] = asyncio.Queue()
 
         async def feed() -> None:
             try:
@@ -318,6 +536,8 @@ class Pipeline:
                 else:
                     for b in batches:
                         await queue.put(await self.submit(b))
+            except PlanError as exc:  # no plan any more: say why, once, instead of hanging
+                await queue.put(exc)
             finally:
                 await queue.put(None)
 
@@ -327,9 +547,12 @@ class Pipeline:
                 fut = await queue.get()
                 if fut is None:
                     break
+                if isinstance(fut, BaseException):
+                    yield fut
+                    continue
                 try:
                     yield await self._await(fut)
-                except (InferenceError, PeerError) as exc:
+                except (InferenceError, PeerError, PlanError) as exc:
                     yield exc
         finally:
             feeder.cancel()
@@ -338,67 +561,190 @@ class Pipeline:
 
     # ----- messages from stage nodes
 
+    def _current_for(self, rid: int, deployment: str) -> bool:
+        """Whether a message about ``rid`` under ``deployment`` belongs to the generation the request now
+        runs on (anything else is stale: a superseded generation, or a repeat)."""
+        gen = self._gen_of.get(rid)
+        return gen is not None and gen.deployment == deployment
+
     async def on_message(self, peer: str, msg: Message, ch: Channel | None = None) -> None:
-        """Handle Result, Error and Deployed messages for this pipeline."""
+        """Handle Result, Error, Deployed and Uploaded messages for this pipeline."""
         if isinstance(msg, Result):
-            part = self._partial.get(msg.request_id)
-            if part is None:
-                return  # late or duplicate
+            if not self._current_for(msg.request_id, msg.deployment):
+                self.stats.stale += 1
+                return
+            part = self._partial[msg.request_id]
             part.update(msg.tensors)
-            if all(t in part for t in self.plan.outputs):
-                fut = self._futures.pop(msg.request_id, None)
-                self._partial.pop(msg.request_id, None)
-                started = self._started.pop(msg.request_id, None)
-                if fut is not None and not fut.done():
-                    now = time.perf_counter()
-                    if started is not None:
-                        self.stats.latencies_s.append(now - started)
-                        if self.metrics is not None:
-                            self.metrics.observe_inference(self.name, self.version, now - started, ok=True)
-                            if self._saved_per_request:
-                                self.metrics.add_bandwidth_saved(self.name, self._saved_per_request)
-                    self.stats.last_result = now
-                    self.stats.ok += 1
-                    outs = {t: part[t] for t in self.plan.outputs}
-                    kept = self._inputs_kept.pop(msg.request_id, None)
-                    if self.drift is not None and kept is not None:
-                        with contextlib.suppress(MeshaiError):
-                            self.drift.observe(kept, outs)
-                        self._since_drift_export += 1
-                        if self._since_drift_export >= DRIFT_EXPORT_EVERY:
-                            self._since_drift_export = 0
-                            self._export_drift()
-                    fut.set_result(outs)
+            if all(t in part for t in self.plan_of(msg.request_id).outputs):
+                self._complete(msg.request_id, part)
         elif isinstance(msg, Error):
-            if msg.request_id is not None and msg.request_id in self._futures:
-                self._fail(
-                    msg.request_id,
-                    InferenceError(f"request {msg.request_id} failed on {peer!r}: {msg.message}"),
-                )
+            rid = msg.request_id
+            if rid is None or rid not in self._futures:
+                return
+            if msg.deployment and not self._current_for(rid, msg.deployment):
+                self.stats.stale += 1
+                return
+            if self.supervisor is not None and msg.code in ("unreachable", "unknown_deployment"):
+                return  # a stage next to a lost node: the loss is handled and the request replayed
+            self._fail(rid, InferenceError(f"request {rid} failed on {peer!r}: {msg.message}"))
         elif isinstance(msg, Uploaded):
             fut3 = self._uploaded.get(peer)
             if fut3 is not None and not fut3.done():
                 fut3.set_result(msg)
         elif isinstance(msg, Deployed):
-            fut2 = self._deployed.get(msg.stage_id)
+            fut2 = self._deployed.get((msg.deployment, msg.stage_id))
             if fut2 is not None and not fut2.done():
                 fut2.set_result(msg)
 
-    async def on_lost(self, peer: str, reason: str) -> None:
-        """A node of this plan is gone: every request in flight fails, naming it."""
-        if peer not in self.nodes:
+    def plan_of(self, rid: int) -> Plan:
+        """The plan request ``rid`` runs on."""
+        gen = self._gen_of.get(rid)
+        return gen.plan if gen is not None else self.plan
+
+    def _complete(self, rid: int, part: Tensors) -> None:
+        gen = self._gen_of.pop(rid)
+        fut = self._futures.pop(rid, None)
+        self._partial.pop(rid, None)
+        started = self._started.pop(rid, None)
+        kept = self._kept.pop(rid, None)
+        if fut is None or fut.done():
+            self.stats.duplicated += 1
             return
-        stage = next(s.id for s in self.plan.stages if s.node == peer)
-        for rid in list(self._futures):
-            self._fail(
-                rid, PeerError(f"request {rid} failed: node {peer!r} (stage {stage}) is gone: {reason}")
+        now = time.perf_counter()
+        if gen.first_result_at is None:
+            gen.first_result_at = now
+        if started is not None:
+            self.stats.latencies_s.append(now - started)
+            if self.metrics is not None:
+                self.metrics.observe_inference(self.name, self.version, now - started, ok=True)
+                if self._saved_per_request:
+                    self.metrics.add_bandwidth_saved(self.name, self._saved_per_request)
+        self.stats.last_result = now
+        self.stats.ok += 1
+        outs = {t: part[t] for t in gen.plan.outputs}
+        if self.drift is not None and kept is not None:
+            with contextlib.suppress(MeshaiError):
+                self.drift.observe(kept, outs)
+            self._since_drift_export += 1
+            if self._since_drift_export >= DRIFT_EXPORT_EVERY:
+                self._since_drift_export = 0
+                self._export_drift()
+        fut.set_result(outs)
+
+    # ----- lost and returning nodes
+
+    async def on_lost(self, peer: str, reason: str) -> None:
+        """A node is gone.  Supervised: replan without it and replay what was in flight on it.
+        Unsupervised: every request in flight on a plan that used it fails, naming it."""
+        for (dep, k), f in self._deployed.items():
+            gen = next((g for g in self.generations if g.deployment == dep), None)
+            node = gen.plan.stages[k].node if gen is not None else ""
+            if not f.done() and node == peer:
+                f.set_result(Deployed(dep, k, False, f"node {peer!r} is gone: {reason}"))
+        touched = [g for g in self.generations if peer in g.nodes]
+        if not touched:
+            return
+        if self.supervisor is None:
+            for rid, gen in list(self._gen_of.items()):
+                if gen in touched:
+                    stage = next(s.id for s in gen.plan.stages if s.node == peer)
+                    self._fail(
+                        rid,
+                        PeerError(f"request {rid} failed: node {peer!r} (stage {stage}) is gone: {reason}"),
+                    )
+            return
+        self._dead.add(peer)
+        if peer in self.gen.nodes:
+            self._ready.clear()  # new requests wait for the repaired plan
+            self.recoveries.append(Recovery((peer,), reason, time.perf_counter()))
+        if self._recovering is None or self._recovering.done():
+            self._recovering = asyncio.get_running_loop().create_task(
+                self._recover(), name=f"meshai-recover {self.name}"
             )
-        for k, f in self._deployed.items():
-            if not f.done() and self.plan.stages[k].node == peer:
-                f.set_result(Deployed(self.stage_deployment, k, False, f"node {peer!r} is gone: {reason}"))
+
+    def on_back(self, peer: str) -> None:
+        """A lost node is reachable again (it may be planned with again)."""
+        self._dead.discard(peer)
+
+    async def _recover(self) -> None:
+        """Repair the current plan while it uses a lost node, then replay every request in flight on a
+        generation that used one."""
+        try:
+            while self.gen.nodes and self._dead & set(self.gen.nodes) and not self._closed:
+                await self._repair()
+                if self._broken is not None:
+                    return
+            for rid, gen in list(self._gen_of.items()):
+                if gen is not self.gen and self._dead & set(gen.nodes):
+                    await self._replay(rid)
+            for gen in [g for g in self.generations if g is not self.gen and self._dead & set(g.nodes)]:
+                if not any(g is gen for g in self._gen_of.values()):
+                    self._spawn(self._undeploy(gen), f"meshai-release {gen.deployment}")
+                    self._retire(gen)
+        finally:
+            if self._broken is None:
+                self._ready.set()
+
+    async def _repair(self) -> None:
+        assert self.supervisor is not None
+        rec = self.recoveries[-1] if self.recoveries else Recovery((), "", time.perf_counter())
+        lost = frozenset(self._dead)
+        async with self._switch_lock:
+            old = self.gen
+            gen: Generation | None = None
+            try:
+                plan = self.supervisor.plan_without(old.plan, lost)
+                gen = self._new_generation(plan)
+                gen.reuse = old.deployment
+                await self.supervisor.deploy(self, gen)
+            except MeshaiError as exc:
+                if gen is not None:
+                    self._retire(gen)
+                if gen is not None and self._dead & set(gen.nodes):
+                    return  # another node went while deploying: plan again without it too
+                why = str(exc)
+                rec.error = why
+                self._broken = PlanError(
+                    f"pipeline {self.name!r} cannot go on without {', '.join(sorted(lost))}: {why}"
+                )
+                for rid in list(self._futures):
+                    self._fail(rid, PlanError(f"request {rid}: {self._broken}"))
+                self._ready.set()  # waiting submits see the error instead of hanging
+                return
+            self._switch(gen)
+            rec.generation, rec.deployed_at = gen.number, gen.deployed_at
+            rec.lost = tuple(sorted(lost & set(old.nodes))) or rec.lost
+        for rid, g in list(self._gen_of.items()):
+            if g is old:
+                await self._replay(rid, rec)
+        self._spawn(self._undeploy(old), f"meshai-release {old.deployment}")
+        self._retire(old)
+
+    async def _replay(self, rid: int, rec: Recovery | None = None) -> None:
+        """Send a request in flight again, on the current generation."""
+        if rid not in self._futures:
+            return
+        self._partial[rid] = {}
+        self.stats.replayed += 1
+        if rec is not None:
+            rec.replayed += 1
+        await self._send(rid, self.gen)
+
+    def all_generations(self) -> list[Generation]:
+        """Every generation this pipeline ever deployed, oldest first."""
+        return [self._all_gens[k] for k in sorted(self._all_gens)]
+
+    def recovery_report(self) -> list[dict[str, Any]]:
+        """Every recovery, JSON-ready (first_result_s: until the new plan's first result)."""
+        out = []
+        for r in self.recoveries:
+            gen = self._all_gens.get(r.generation) if r.generation is not None else None
+            out.append(r.to_dict(gen.first_result_at if gen is not None else None))
+        return out
 
     def _fail(self, rid: int, exc: BaseException) -> None:
-        self._inputs_kept.pop(rid, None)
+        self._kept.pop(rid, None)
+        self._gen_of.pop(rid, None)
         fut = self._futures.pop(rid, None)
         self._partial.pop(rid, None)
         self._started.pop(rid, None)
@@ -417,7 +763,17 @@ class Pipeline:
     async def close(self) -> None:
         """Fail what is still in flight and, if this entry deployed the stages, release them."""
         self._closed = True
+        self._ready.set()
+        if self._recovering is not None and not self._recovering.done():
+            self._recovering.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovering
+        for t in list(self._bg):
+            t.cancel()
         for rid in list(self._futures):
             self._fail(rid, InferenceError(f"pipeline {self.name!r} closed before request {rid} finished"))
         if self.owner:
             await self.undeploy()
+        for gen in list(self.generations):
+            if self.registry.get(gen.deployment) is self:
+                del self.registry[gen.deployment]

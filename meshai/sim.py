@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from meshai.errors import ConfigError, MeshaiError, PeerError, check_min
+from meshai.faults import Fault
 from meshai.progress import Progress
 
 #: Drift at the sim's entry: reference from the first DRIFT_WARMUP requests (unless --reference),
@@ -74,8 +75,25 @@ class SimOptions:
     labels: str | None = None
     max_accuracy_drop: float | None = None
     per_channel: bool = False
+    # failures and emulated networks: faults fired after N results, a latency SLO the entry holds by
+    # replanning, each node in a network namespace of its own, links shaped by tc or meshai's emulator
+    faults: tuple[Fault, ...] = ()
+    slo_ms: float | None = None
+    netns: bool = False
+    link: str | None = None
+    recover: bool = True
 
     def __post_init__(self) -> None:
+        if self.netns and self.offload:
+            raise ConfigError(
+                "--netns and --offload ray cannot be combined (Ray runs outside the namespaces)"
+            )
+        if any(f.kind == "slow" for f in self.faults) and not self.pace:
+            raise ConfigError("--slow needs --pace (a paced node emulates its accelerator's speed)")
+        if self.slo_ms is not None and not (self.slo_ms > 0 and self.slo_ms < float("inf")):
+            raise ConfigError(f"--slo must be a positive p95 latency in ms, got {self.slo_ms}")
+        if self.slo_ms is not None and not self.recover:
+            raise ConfigError("--slo needs recovery (it replans); drop --no-recover")
         if self.offload not in (None, "ray"):
             raise ConfigError(f"--offload must be 'ray', got {self.offload!r}")
         if self.offload and self.offload_threshold is None:
@@ -121,10 +139,15 @@ def _set_process_name(name: bytes) -> None:
         libc.prctl(15, ctypes.c_char_p(name[:15]), 0, 0, 0)
 
 
-def _node_main(argv: list[str], log_path: str) -> None:
+def _node_main(argv: list[str], log_path: str, namespace: str = "") -> None:
     """Body of one forked node process: its own session (a terminal's Ctrl-C goes to the sim, which ends
-    the nodes), stdin/stdout on /dev/null, stderr into its log, then exactly ``meshai node ARGV``."""
+    the nodes), its network namespace (``--netns``), stdin/stdout on /dev/null, stderr into its log,
+    then exactly ``meshai node ARGV``."""
     os.setsid()
+    if namespace:
+        from meshai.netns import enter_namespace
+
+        enter_namespace(namespace)
     _set_process_name(NODE_COMM)
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
@@ -174,8 +197,10 @@ class NodeProcesses:
         profiles_file: str | None = None,
         extra: Sequence[str] = (),
         identities: Path | None = None,
+        network: Any = None,
     ) -> None:
         self.identities = identities  # a directory holding one identity directory per node name
+        self.network = network  # a meshai.netns.SimNetwork: each node in its own namespace
         self.names = list(names)
         self.profiles = list(profiles)
         self.mesh = mesh
@@ -188,18 +213,9 @@ class NodeProcesses:
 
     def node_args(self, name: str, profile: str) -> list[str]:
         """The ``meshai node`` arguments of one node process."""
-        args = [
-            "--name",
-            name,
-            "--profile",
-            profile,
-            "--listen",
-            "127.0.0.1:0",
-            "--interface",
-            "127.0.0.1",
-            "--mesh",
-            self.mesh,
-        ]
+        host = self.network.address(name) if self.network is not None else "127.0.0.1"
+        args = ["--name", name, "--profile", profile, "--listen", f"{host}:0", "--interface", host]
+        args += ["--mesh", self.mesh]
         if self.pace:
             args.append("--pace")
         if self.profiles_file:
@@ -215,9 +231,10 @@ class NodeProcesses:
         try:
             ctx = _fork_context()
             for name, prof in zip(self.names, self.profiles, strict=True):
+                ns = self.network.namespace(name) if self.network is not None else ""
                 proc = ctx.Process(
                     target=_node_main,
-                    args=(self.node_args(name, prof), str(self.logdir / f"{name}.log")),
+                    args=(self.node_args(name, prof), str(self.logdir / f"{name}.log"), ns),
                     name=f"meshai-node-{name}",
                 )
                 proc.start()
@@ -262,6 +279,7 @@ class NodeProcesses:
             if p.exitcode is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
+                    os.kill(p.pid, signal.SIGCONT)  # a paused node must run to end
         deadline = time.monotonic() + grace
         for p in self.procs.values():
             p.join(timeout=max(0.0, deadline - time.monotonic()))
@@ -423,13 +441,30 @@ async def _run_sim(
             extra_files[CALIBRATION_FILE] = loaded.calibration.to_bytes()
         package = sec.package(resolve_model(opts.model), loaded.name, extra=extra_files)
         extra = sec.node_args()
-    # Ray first: its start-up blocks for seconds, which must not happen while nodes wait on heartbeats
-    with (
-        _ray_model(opts, loaded) as ray_model,
-        NodeProcesses(names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities) as procs,
-    ):
+    with contextlib.ExitStack() as stack:
+        network, link, link_info = _network(opts, names, stack)
+        if link is not None:
+            extra = [*extra, "--link", str(link)]
+        # Ray first: its start-up blocks for seconds, which must not happen while nodes wait on heartbeats
+        ray_model = stack.enter_context(_ray_model(opts, loaded))
+        procs = stack.enter_context(
+            NodeProcesses(
+                names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities, network=network
+            )
+        )
+        if network is not None:
+            stack.enter_context(network.entered("entry"))  # this thread's sockets live in "entry"
+        if link is not None:
+            from meshai import linkem
+
+            stack.enter_context(linkem.shaped(link))
+        entry_host = network.address("entry") if network is not None else "127.0.0.1"
         async with Mesh(
-            mesh=mesh_id, name=None if client else "sim", identity=client, insecure=opts.insecure
+            interfaces=(entry_host,),
+            mesh=mesh_id,
+            name=None if client else "sim",
+            identity=client,
+            insecure=opts.insecure,
         ) as mesh:
             deadline = time.monotonic() + opts.discovery_timeout
             while True:  # a node process that died says why at once, not after the timeout
@@ -454,7 +489,21 @@ async def _run_sim(
                 max_accuracy_drop=opts.max_accuracy_drop,
             )
             results: list[dict[str, np.ndarray] | BaseException] = []
-            async with mesh.deploy(plan, loaded, window=opts.window, package=package) as pipe:
+            from meshai.chaos import Chaos
+            from meshai.faults import resolve
+
+            faults = resolve(opts.faults, [s.node for s in plan.stages], names)
+            slo = None
+            if opts.slo_ms is not None:
+                from scheduler.adapt import SloConfig
+
+                slo = SloConfig(slo_ms=opts.slo_ms, window=min(64, max(8, opts.requests // 10)))
+            async with (
+                mesh.deploy(
+                    plan, loaded, window=opts.window, package=package, recover=opts.recover, slo=slo
+                ) as pipe,
+                Chaos(faults, procs, mesh, network) as chaos,
+            ):
                 # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
                 # reports drift as warming up rather than alarm on noise
                 pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
@@ -466,15 +515,18 @@ async def _run_sim(
                         results, overflow = over.results, over.to_dict()
                         latency_ms, throughput_rps = over.latency_ms(), over.throughput_rps()
                     else:
+                        await chaos.due(0, pipe)
                         async for out in pipe.stream(requests):
                             results.append(out)
                             bar.advance()
+                            await chaos.due(len(results), pipe)
                         latency_ms, throughput_rps = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
                 pipe._export_drift()
                 drift = pipe.drift.scores() if pipe.drift is not None else {}
                 drifted = pipe.drift.drifted() if pipe.drift is not None else []
                 bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
                 node_bytes = await _node_bytes(mesh, names)
+                resilience = _resilience(pipe, chaos, len(requests), len(results))
                 if opts.prom_file:
                     await _write_prom_file(mesh, names, opts.prom_file)
                 if opts.report:
@@ -522,12 +574,72 @@ async def _run_sim(
         },
         "model": loaded.name,
         "offload": overflow,
+        **resilience,
+        "link": link_info,
     }
     if quant is not None:
         report["precision"] = _precision_report(loaded, plan, quant, requests, results, fp32)
     if first_error:
         report["first_error"] = first_error
     return report
+
+
+def _network(
+    opts: SimOptions, names: Sequence[str], stack: contextlib.ExitStack
+) -> tuple[Any, Any, dict[str, Any] | None]:
+    """With ``--netns``: every node (and the entry) in a network namespace of its own, joined by a
+    bridge, made here and removed when ``stack`` closes.  With ``--link``: the links shaped by the
+    kernel where it can (tbf for rate; netem where this kernel has it) and by meshai's emulator for the
+    rest.  Returns the network (or None), the spec meshai's emulator must apply (or None), and what the
+    report says about the links."""
+    from meshai import linkem
+
+    spec = linkem.parse_link(opts.link) if opts.link else None
+    partition = any(f.kind == "partition" for f in opts.faults)
+    if not opts.netns:
+        if spec is None and partition:
+            spec = linkem.parse_link("delay=0ms")  # the emulator is what holds a node's link down
+        info: dict[str, Any] | None = (
+            None
+            if spec is None
+            else {"spec": opts.link, "netns": False, "rate": "meshai", "delay": "meshai", "loss": "meshai"}
+        )
+        if info is not None and spec is not None:
+            info["emulated"] = spec.to_dict()
+        return None, spec, info
+    from meshai.netns import SimNetwork, netns_unavailable
+
+    why = netns_unavailable()
+    if why:
+        raise ConfigError(f"--netns is not available here: {why}")
+    network = stack.enter_context(SimNetwork([*names, "entry"], spec))
+    emulated = network.emulated()
+    kernel: dict[str, Any] = {
+        "spec": opts.link,
+        "netns": True,
+        **network.kernel,
+        "emulated": None if emulated is None else emulated.to_dict(),
+    }
+    return network, emulated, kernel
+
+
+def _resilience(pipe: Any, chaos: Any, requests: int, answered: int) -> dict[str, Any]:
+    """What the sim's JSON says about failures: lost, duplicated, replayed, replans, recovery."""
+    faults = chaos.report(pipe)
+    times = [f["recovery_s"] for f in faults if f["kind"] in ("kill", "pause", "partition")]
+    sup = pipe.supervisor
+    return {
+        "lost": pipe.stats.errors + (requests - answered),
+        "duplicated": pipe.stats.duplicated,
+        "replayed": pipe.stats.replayed,
+        "stale_dropped": pipe.stats.stale,
+        "replans": pipe.stats.replans,
+        "recovery_s": next((t for t in times if t is not None), None),
+        "faults": faults,
+        "recoveries": pipe.recovery_report(),
+        "decisions": sup.report() if sup is not None and hasattr(sup, "report") else [],
+        "final_plan": [s.node for s in pipe.plan.stages],
+    }
 
 
 def _precision_report(

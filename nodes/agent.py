@@ -102,6 +102,8 @@ class _Stage:
     name: str
     session: StageSession
     inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    precision: str
     routes: dict[str, tuple[str, ...]]
     to_entry: tuple[str, ...]
     entry: str
@@ -178,6 +180,7 @@ class NodeAgent:
         self._metrics_server: Any = None
         self._telemetry: Any = None
         self.recorder: Any = None  # TelemetryRecorder when --mqtt is on
+        self.slowdown = 1.0  # a paced node emulates an accelerator this many times slower (``slow`` control)
 
     # ----- lifecycle
 
@@ -470,18 +473,30 @@ class NodeAgent:
             return Uploaded(msg.package, False, str(exc))
         return Uploaded(msg.package, True, "")
 
+    def _reusable(self, msg: Deploy) -> _Stage | None:
+        """The loaded stage a Deploy may take over: same deployment named in ``reuse``, same tensors in
+        and out, same precision (a replanned pipeline keeps what did not change)."""
+        st = self._stages.get(str(msg.options.get("reuse", "")))
+        if st is None or st.inputs != tuple(msg.inputs) or st.outputs != tuple(msg.outputs):
+            return None
+        return st if st.precision == str(msg.options.get("precision", "fp32")) else None
+
     async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
         from nodes.executor import StageSession
 
         try:
-            model = await asyncio.to_thread(self._prepare, msg)
-            session = await asyncio.to_thread(
-                StageSession,
-                model,
-                self.config.providers,
-                self.config.threads,
-                f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
-            )
+            reuse = self._reusable(msg)
+            if reuse is not None:
+                session = reuse.session
+            else:
+                model = await asyncio.to_thread(self._prepare, msg)
+                session = await asyncio.to_thread(
+                    StageSession,
+                    model,
+                    self.config.providers,
+                    self.config.threads,
+                    f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
+                )
             if msg.package and self._store is not None:
                 from meshai.packages import parse_package_ref
 
@@ -493,7 +508,8 @@ class NodeAgent:
             for node, addr in addresses.items():
                 if isinstance(node, str) and isinstance(addr, str) and addr and node != self.name:
                     self.pool.remember(node, addr)
-        pace_s = float(msg.options.get("predicted_ms", 0.0)) / 1e3 if self.config.pace else 0.0
+        pace_ms = msg.options.get("pace_ms", msg.options.get("predicted_ms", 0.0))
+        pace_s = float(pace_ms) / 1e3 if self.config.pace else 0.0
         old = self._stages.pop(msg.deployment, None)
         if old is not None:
             self._release(old)
@@ -503,6 +519,8 @@ class NodeAgent:
             name=str(msg.options.get("name", msg.deployment)),
             session=session,
             inputs=tuple(msg.inputs),
+            outputs=tuple(msg.outputs),
+            precision=str(msg.options.get("precision", "fp32")),
             routes={k: tuple(v) for k, v in msg.routes.items()},
             to_entry=tuple(str(t) for t in msg.options.get("to_entry", ())),
             entry=peer,
@@ -591,8 +609,9 @@ class NodeAgent:
                 await self._report(st, Error(rid, "inference", str(exc), st.deployment))
                 continue
             spent = time.perf_counter() - t0
-            if st.pace_s > spent:
-                await asyncio.sleep(st.pace_s - spent)
+            pace = st.pace_s * self.slowdown
+            if pace > spent:
+                await asyncio.sleep(pace - spent)
             t1 = time.perf_counter()
             busy = t1 - t0
             st.busy_s += busy
@@ -709,6 +728,19 @@ class NodeAgent:
             return ControlReply(op, True, {"name": name, "entry": self.name})
         if op == "revocations":
             return await self._revocations(peer, body)
+        if op == "slow":
+            # fault injection for simulations: a paced node's accelerator becomes FACTOR times slower
+            factor = body.get("factor")
+            if not self.config.pace:
+                return ControlReply(
+                    op, False, {"error": f"node {self.name!r} is not paced (start it with --pace)"}
+                )
+            if isinstance(factor, bool) or not isinstance(factor, int | float) or not 0.01 <= factor <= 1000:
+                return ControlReply(
+                    op, False, {"error": f"slow needs a factor in [0.01, 1000], got {factor!r}"}
+                )
+            self.slowdown = float(factor)
+            return ControlReply(op, True, {"factor": self.slowdown})
         if op == "metrics":
             self._update_peer_gauge()
             return ControlReply(op, True, {"text": self.metrics.exposition()})

@@ -15,6 +15,7 @@ COMPOSITION = {
     "batch_cli.py",
     "quantize_cli.py",
     "overflow.py",
+    "supervise.py",
     "__main__.py",
 }
 #: The scheduler's I/O modules: Ray actors and onnxruntime's quantizer run node executors.
