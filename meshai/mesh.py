@@ -344,6 +344,11 @@ class Mesh:
             supervisor=supervisor,
         )
         try:
+            if supervisor is not None and package is not None:
+                # every connected node holds the package up front, so that any can take over a stage
+                standby = sorted(self.peers())
+                await pipe.upload(package[0], package[1], nodes=standby)
+                supervisor.has_package.update(standby)
             await self._deploy_generation(
                 pipe, pipe.gen, loaded, package, supervisor.has_package if supervisor else None
             )

@@ -141,7 +141,7 @@ class Recovery:
 class Supervisor(Protocol):
     """What a pipeline needs to recover from a lost node: a new plan without it, and a way to deploy."""
 
-    def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
+    async def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
         """A plan over the live nodes (PlanError if there is none)."""
 
     async def deploy(self, pipe: Pipeline, gen: Generation) -> None:
@@ -528,16 +528,20 @@ class Pipeline:
         """Results in submission order, up to ``window`` in flight; a failed request yields its exception."""
         queue: asyncio.Queue[asyncio.Future[Tensors] | BaseException | None] = asyncio.Queue()
 
+        async def one(b: Mapping[str, np.ndarray]) -> None:
+            try:
+                await queue.put(await self.submit(b))
+            except PlanError as exc:  # no plan any more: every request says why, none hangs
+                await queue.put(exc)
+
         async def feed() -> None:
             try:
                 if isinstance(batches, AsyncIterable):
                     async for b in batches:
-                        await queue.put(await self.submit(b))
+                        await one(b)
                 else:
                     for b in batches:
-                        await queue.put(await self.submit(b))
-            except PlanError as exc:  # no plan any more: say why, once, instead of hanging
-                await queue.put(exc)
+                        await one(b)
             finally:
                 await queue.put(None)
 
@@ -693,7 +697,7 @@ class Pipeline:
             old = self.gen
             gen: Generation | None = None
             try:
-                plan = self.supervisor.plan_without(old.plan, lost)
+                plan = await self.supervisor.plan_without(old.plan, lost)
                 gen = self._new_generation(plan)
                 gen.reuse = old.deployment
                 await self.supervisor.deploy(self, gen)

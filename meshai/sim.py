@@ -498,12 +498,14 @@ async def _run_sim(
                 from scheduler.adapt import SloConfig
 
                 slo = SloConfig(slo_ms=opts.slo_ms, window=min(64, max(8, opts.requests // 10)))
+            deploy_t0 = time.perf_counter()
             async with (
                 mesh.deploy(
                     plan, loaded, window=opts.window, package=package, recover=opts.recover, slo=slo
                 ) as pipe,
                 Chaos(faults, procs, mesh, network) as chaos,
             ):
+                deploy_s = time.perf_counter() - deploy_t0
                 # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
                 # reports drift as warming up rather than alarm on noise
                 pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
@@ -526,7 +528,8 @@ async def _run_sim(
                 drifted = pipe.drift.drifted() if pipe.drift is not None else []
                 bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
                 node_bytes = await _node_bytes(mesh, names)
-                resilience = _resilience(pipe, chaos, len(requests), len(results))
+                failed = sum(isinstance(r, BaseException) for r in results)
+                resilience = _resilience(pipe, chaos, failed + len(requests) - len(results))
                 if opts.prom_file:
                     await _write_prom_file(mesh, names, opts.prom_file)
                 if opts.report:
@@ -557,6 +560,7 @@ async def _run_sim(
         "latency_ms": latency_ms,
         "throughput_rps": throughput_rps,
         "discovery_s": round(discovery_s, 3),
+        "deploy_s": round(deploy_s, 3),
         "bytes_sent": bytes_sent + node_bytes,
         "bytes_sent_caller": bytes_sent,
         "nodes": [{"name": n, "profile": p} for n, p in zip(names, profiles, strict=True)],
@@ -623,13 +627,14 @@ def _network(
     return network, emulated, kernel
 
 
-def _resilience(pipe: Any, chaos: Any, requests: int, answered: int) -> dict[str, Any]:
-    """What the sim's JSON says about failures: lost, duplicated, replayed, replans, recovery."""
+def _resilience(pipe: Any, chaos: Any, lost: int) -> dict[str, Any]:
+    """What the sim's JSON says about failures: ``lost`` (requests that got no result), duplicated,
+    replayed, replans, recovery."""
     faults = chaos.report(pipe)
     times = [f["recovery_s"] for f in faults if f["kind"] in ("kill", "pause", "partition")]
     sup = pipe.supervisor
     return {
-        "lost": pipe.stats.errors + (requests - answered),
+        "lost": lost,
         "duplicated": pipe.stats.duplicated,
         "replayed": pipe.stats.replayed,
         "stale_dropped": pipe.stats.stale,

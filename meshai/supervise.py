@@ -63,6 +63,8 @@ class MeshSupervisor:
         self._next_try: dict[str, float] = {}
         self._stage_seen: dict[tuple[str, int], tuple[int, float]] = {}  # (deployment, stage) -> served, busy
         self._stage_ms: dict[int, float] = {}
+        # plans made ahead for the loss of each node of the current plan: (live nodes, speeds) -> plan
+        self._standby: dict[tuple[frozenset[str], tuple[tuple[str, float], ...]], asyncio.Future[Plan]] = {}
         self._latencies_seen = 0
         self._controller: Any = None
         if slo is not None:
@@ -80,26 +82,51 @@ class MeshSupervisor:
         return self.quantization.constraints(base) if self.quantization is not None else base
 
     def _plan(self, names: list[str], speeds: dict[str, float] | None = None) -> tuple[Plan, Constraints]:
-        from meshai.planning import make_plan, plan_measured
-
-        caps = self.mesh.capabilities(names)
-        if self.quantization is not None:
-            base = dataclasses.replace(self.constraints, speed=dict(speeds or {}))
-            from scheduler.adapt import relax_stages
-
-            plan = plan_measured(self.model, caps, relax_stages(base, len(names)), self.quantization)
-        else:
-            plan = make_plan(self.model, caps, self._constraints(len(names), speeds))
+        plan = self._plan_for(names, self.mesh.capabilities(names), dict(speeds or {}))
         return plan, self._constraints(len(names), speeds)
 
-    def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
-        """A plan over the connected nodes other than ``lost`` (PlanError if none is possible)."""
+    def _plan_for(self, names: list[str], caps: list[Any], speeds: dict[str, float]) -> Plan:
+        """The pure planner over ``caps`` (safe in a worker thread)."""
+        from meshai.planning import make_plan, plan_measured
+        from scheduler.adapt import relax_stages
+
+        if self.quantization is not None:
+            base = dataclasses.replace(self.constraints, speed=speeds)
+            return plan_measured(self.model, caps, relax_stages(base, len(names)), self.quantization)
+        return make_plan(self.model, caps, self._constraints(len(names), speeds))
+
+    async def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
+        """A plan over the connected nodes other than ``lost`` (PlanError if none is possible): the
+        standby plan made for exactly these nodes when the current plan was deployed, or a new one
+        (planned in a worker thread: the event loop keeps serving heartbeats meanwhile)."""
         live = [n for n in self.mesh.peers() if n not in lost]
         if not live:
             raise PlanError(f"no node is left to run {self.model.name!r}")
-        new, _ = self._plan(live, self.speeds)
-        self._record("lost", sorted(lost), True, f"replanned over {', '.join(live)}", plan=new)
+        key = (frozenset(live), tuple(sorted(self.speeds.items())))
+        task = self._standby.get(key)
+        if task is not None:
+            new = await task  # PlanError is the answer for these nodes, too
+            how = "standby plan"
+        else:
+            caps = self.mesh.capabilities(live)
+            new = await asyncio.to_thread(self._plan_for, live, caps, dict(self.speeds))
+            how = "planned now"
+        self._record("lost", sorted(lost), True, f"replanned over {', '.join(live)} ({how})", plan=new)
         return new
+
+    def _prepare_standby(self, plan: Plan) -> None:
+        """Plan ahead, in worker threads, for the loss of each node of ``plan``."""
+        self._standby.clear()
+        peers = sorted(self.mesh.peers())
+        for node in dict.fromkeys(s.node for s in plan.stages):
+            live = [n for n in peers if n != node]
+            if not live:
+                continue
+            key = (frozenset(live), tuple(sorted(self.speeds.items())))
+            caps = self.mesh.capabilities(live)
+            task = asyncio.ensure_future(asyncio.to_thread(self._plan_for, live, caps, dict(self.speeds)))
+            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved: no warning
+            self._standby[key] = task
 
     def nominal_ms(self, plan: Plan) -> dict[int, float]:
         """Each stage's compute time under the nodes' nominal profiles (what a paced node emulates)."""
@@ -133,17 +160,22 @@ class MeshSupervisor:
         if self.speeds:
             gen.pace_ms = self.nominal_ms(gen.plan)
         await self.mesh._deploy_generation(pipe, gen, self.model, self.package, self.has_package)
+        self._prepare_standby(gen.plan)
 
     # ----- watching
 
     def start(self, pipe: Pipeline) -> None:
         """Watch lost nodes, new adverts and the SLO in the background until ``stop``."""
+        self._prepare_standby(pipe.plan)
         self._task = asyncio.get_running_loop().create_task(
             self._watch(pipe), name=f"meshai-watch {pipe.name}"
         )
 
     async def stop(self) -> None:
-        """Stop watching."""
+        """Stop watching (standby plans still being made are abandoned)."""
+        for t in self._standby.values():
+            t.cancel()
+        self._standby.clear()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

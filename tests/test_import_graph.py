@@ -15,6 +15,8 @@ COMPOSITION = {
     "batch_cli.py",
     "quantize_cli.py",
     "overflow.py",
+    "bench_recovery.py",
+    "chaos.py",
     "supervise.py",
     "__main__.py",
 }
