@@ -417,13 +417,25 @@ class Mesh:
         sid = stage_deployment_id(name)
         pipe = Pipeline(name, plan, self.pool, stage_id=sid, owner=False, registry=self._routes)
         try:
-            await self._deploy_generation(pipe, pipe.gen, model, package)
-            addresses = {n: self._peers[n].address for n in pipe.nodes}
-            reply = await self.pool.control(
-                entry,
-                "host",
-                {"name": name, "plan": plan.to_dict(), "stage_deployment": sid, "addresses": addresses},
-            )
+            body: dict[str, Any] = {"name": name, "plan": plan.to_dict(), "stage_deployment": sid}
+            standby = list(pipe.nodes)
+            if package is not None:
+                # every connected node holds the package, so that the entry can replan over any of them
+                standby = sorted(self.peers())
+                await pipe.upload(package[0], package[1], nodes=standby)
+                loaded = self._models.get(plan.model)
+                constraints = (
+                    self._planned.get(plan.model, (Constraints(), None))[0] if loaded else Constraints()
+                )
+                body["recover"] = {
+                    "package": package[1],
+                    "stages": constraints.stages,
+                    "pins": dict(plan.pins),
+                    "standby": standby,
+                }
+            await self._deploy_generation(pipe, pipe.gen, model, package, set(standby) if package else None)
+            body["addresses"] = {n: self._peers[n].address for n in dict.fromkeys([*pipe.nodes, *standby])}
+            reply = await self.pool.control(entry, "host", body)
             if not reply.ok:
                 await pipe.undeploy()
                 raise DeploymentError(f"entry {entry!r} refused to host {name!r}: {reply.body.get('error')}")

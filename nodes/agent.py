@@ -405,20 +405,12 @@ class NodeAgent:
             return model_from_bytes(msg.model, what)
         from meshai.packages import parse_package_ref
         from scheduler.extract import extract_cut
-        from scheduler.graph import build_graph, normalize_model
         from scheduler.quantize import CALIBRATION_FILE
 
         store = self._require_store()
         name, version = parse_package_ref(msg.package)
         store.check_activate(name, version)  # a downgrade is refused before any work
-        cached = self._package_graphs.get(msg.package)
-        if cached is None:
-            opened = store.open(name, version)  # verified, decrypted into memory only
-            whole = normalize_model(model_from_bytes(opened.model(), f"package {msg.package}"))
-            cal = opened.files.get(CALIBRATION_FILE)
-            cached = (whole, build_graph(whole, name), cal)
-            self._package_graphs = {msg.package: cached}  # keep one whole model in memory at most
-        whole, graph, cal = cached
+        whole, graph, cal = self.package_graph(msg.package)
         ins = msg.cut_inputs or msg.inputs
         outs = msg.cut_outputs or msg.outputs
         stage = extract_cut(whole, graph, ins, outs, f"stage{msg.stage_id}_{self.name}")
@@ -433,6 +425,23 @@ class NodeAgent:
         cal_ = Calibration.from_bytes(cal, f"{CALIBRATION_FILE} of {msg.package}")
         wire = [str(t) for t in msg.options.get("wire_int8", ())]
         return wire_int8(quantize(stage, cal_), wire)
+
+    def package_graph(self, ref: str) -> tuple[Any, Any, bytes | None]:
+        """The whole model of a stored package (verified, decrypted in memory), its GraphIR and its
+        calibration file; the last one opened is cached."""
+        from meshai.models import model_from_bytes
+        from meshai.packages import parse_package_ref
+        from scheduler.graph import build_graph, normalize_model
+        from scheduler.quantize import CALIBRATION_FILE
+
+        cached = self._package_graphs.get(ref)
+        if cached is None:
+            name, version = parse_package_ref(ref)
+            opened = self._require_store().open(name, version)
+            whole = normalize_model(model_from_bytes(opened.model(), f"package {ref}"))
+            cached = (whole, build_graph(whole, name), opened.files.get(CALIBRATION_FILE))
+            self._package_graphs = {ref: cached}  # keep one whole model in memory at most
+        return cached
 
     def _check_profile(self, msg: Deploy, model: Any) -> str:
         """Check a stage against this node's profile (ops, precision, memory); returns the precision."""
@@ -722,9 +731,22 @@ class NodeAgent:
             for node, addr in dict(addresses).items():
                 if node != self.name:
                     self.pool.remember(str(node), str(addr))
-            pipe = Pipeline(name, plan, self.pool, stage_id=str(body["stage_deployment"]), owner=True)
+            supervisor = None
+            recover = body.get("recover")
+            if isinstance(recover, Mapping) and self.config.trusted_key:
+                from nodes.entry import NodeEntrySupervisor
+
+                supervisor = NodeEntrySupervisor.from_body(self, plan, recover)
+            pipe = Pipeline(
+                name,
+                plan,
+                self.pool,
+                stage_id=str(body["stage_deployment"]),
+                owner=True,
+                registry=self._entry_by_stage,
+                supervisor=supervisor,
+            )
             self._entries[name] = pipe
-            self._entry_by_stage[pipe.stage_deployment] = pipe
             return ControlReply(op, True, {"name": name, "entry": self.name})
         if op == "revocations":
             return await self._revocations(peer, body)
@@ -761,7 +783,6 @@ class NodeAgent:
             gone = self._entries.pop(name, None)
             if gone is None:
                 return ControlReply(op, False, {"error": f"no deployment {name!r} on {self.name!r}"})
-            self._entry_by_stage.pop(gone.stage_deployment, None)
             await gone.close()
             return ControlReply(op, True, {"name": name})
         return ControlReply(op, False, {"error": f"unknown control op {op!r}"})

@@ -339,3 +339,58 @@ def test_bench_recovery_reports_a_distribution() -> None:
     assert 0 < s["min_s"] <= s["p50_s"] <= s["p95_s"] <= s["max_s"] <= RECOVERY_DEADLINE_S
     assert res["baseline_deploy_s"] > 0 and res["recovery_vs_deploy"] > 0
     assert all(row["killed"] not in row["stages_after"] for row in res["rows"])
+
+
+@pytest.mark.process
+def test_node_hosted_deployment_replans_after_a_stage_node_dies(cnn_path: Path, tmp_path: Path) -> None:
+    """A long-lived deployment (entry on a node, stages from a signed package): a stage node SIGKILLed
+    while clients stream through the entry.  The entry node replans over the nodes still holding the
+    package and replays; every client request is answered, exactly."""
+    from meshai.mesh import Mesh
+    from meshai.planning import load_for_planning
+    from meshai.sim import MeshSecrets, NodeProcesses
+    from meshai.tensors import random_inputs, request_slices
+    from nodes.executor import run_whole
+
+    loaded = load_for_planning(str(cnn_path))
+    reqs = request_slices(random_inputs(loaded.model, seed=5, requests=160))
+    names = ["d0", "d1", "d2", "d3"]
+    mesh_id = unique_mesh()
+    sec = MeshSecrets(tmp_path)
+    for n in names:
+        sec.issue(n)
+    package = sec.package(cnn_path, "cnn")
+
+    async def scenario(procs: NodeProcesses) -> tuple[list[Any], dict[str, Any]]:
+        async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
+            await mesh.wait_for_peers(4, timeout=30)
+            plan, _ = mesh.plan(loaded, stages=3, nodes=["d0", "d1", "d2"])
+            await mesh.deploy_named("cnn-live", plan, loaded, entry="d0", package=package)
+            dep = await mesh.attach("cnn-live")
+            victim = plan.stages[1].node
+            outs: list[Any] = [None] * len(reqs)
+            done = 0
+
+            async def client(k: int) -> None:
+                nonlocal done
+                for i in range(k, len(reqs), 8):
+                    outs[i] = await dep.infer(reqs[i], timeout=30)
+                    done += 1
+                    if done == 40:
+                        procs.kill(victim)
+
+            await asyncio.gather(*(client(k) for k in range(8)))
+            listed = await mesh.deployments()
+            await mesh.undeploy("cnn-live")
+            return outs, {"victim": victim, "deployment": listed[0]}
+
+    with NodeProcesses(
+        names, ["cpu"] * 4, mesh_id, pace=False, extra=sec.node_args(), identities=sec.identities
+    ) as procs:
+        outs, info = asyncio.run(scenario(procs))
+    for req, out in zip(reqs, outs, strict=True):
+        want = run_whole(loaded.model, req)
+        assert max(float(np.abs(out[k] - want[k]).max()) for k in want) < TOL
+    stages_after = [s["node"] for s in info["deployment"]["plan"]["stages"]]
+    assert info["victim"] not in stages_after and len(stages_after) == 3, stages_after
+    assert info["deployment"]["errors"] == 0 and info["deployment"]["served"] == len(reqs)
