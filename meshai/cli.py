@@ -171,6 +171,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 f"batch on Ray {b['ray_rps']:.1f} req/s vs one local process {b['local_rps']:.1f} ({b['ratio']:.2f}x)"
             )
         return 0
+    if args.what == "recovery":
+        from meshai.bench_recovery import bench_recovery, recovery_table
+
+        res = bench_recovery(
+            kills=args.kills, model=args.models.split(",")[0].strip(), requests=args.requests or 120
+        )
+        if args.json:
+            _emit_json(res)
+        else:
+            print(recovery_table(res))
+        return 0
     if args.what == "quantize":
         res = bench.bench_quantize()
         if args.json:
@@ -301,6 +312,23 @@ def _has_cuda_provider() -> bool:
     )
 
 
+def _declared_link(cap: Any, spec: str) -> Any:
+    """``cap`` advertising the link ``spec`` declares: its rate as bandwidth, its delay as latency."""
+    import dataclasses
+
+    from meshai.capabilities import Link
+    from meshai.linkem import parse_link
+
+    link = parse_link(spec)
+    old = cap.profile.link
+    new = Link(
+        bandwidth_bps=link.rate_Bps or old.bandwidth_bps,
+        latency_s=link.delay_s if link.delay_s or link.jitter_s else old.latency_s,
+        joules_per_byte=old.joules_per_byte,
+    )
+    return dataclasses.replace(cap, profile=dataclasses.replace(cap.profile, link=new))
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     """Run a node agent until SIGTERM/SIGINT."""
     import asyncio
@@ -326,6 +354,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         gpu = profile.kind == "gpu" and "gpu" in physical
         providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
         cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
+    if args.declare_link:
+        cap = _declared_link(cap, args.declare_link)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
     if args.identity and args.insecure:
         raise ConfigError("give either --identity or --insecure, not both")
@@ -335,6 +365,11 @@ def cmd_node(args: argparse.Namespace) -> int:
             "a node needs --identity DIR (from 'meshai ca issue'; mutual TLS) or --insecure (debugging only)"
         )
     _warn_insecure(args)
+    if args.link:
+        from meshai import linkem
+
+        linkem.install(linkem.parse_link(args.link), args.link_seed)
+        linkem.install_signal_handlers()
     import logging
 
     logging.basicConfig(
@@ -642,6 +677,43 @@ def cmd_undeploy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fault_flags(p: argparse.ArgumentParser) -> None:
+    """Faults, the SLO loop and emulated networks (``meshai sim``)."""
+    g = p.add_argument_group("failures and networks (NODE: a name, or stage:K of the first plan)")
+    g.add_argument(
+        "--kill", action="append", default=[], metavar="NODE@N", help="SIGKILL NODE after N results"
+    )
+    g.add_argument(
+        "--pause", action="append", default=[], metavar="NODE@N:S", help="SIGSTOP NODE for S seconds"
+    )
+    g.add_argument(
+        "--partition",
+        action="append",
+        default=[],
+        metavar="NODE@N:S",
+        help="cut NODE off the network for S s",
+    )
+    g.add_argument(
+        "--slow", action="append", default=[], metavar="NODE@N:F", help="a paced NODE becomes F times slower"
+    )
+    g.add_argument("--slo", type=float, metavar="MS", help="replan when p95 latency stays above MS")
+    g.add_argument(
+        "--no-recover", action="store_true", help="fail requests a lost node touched; no replanning"
+    )
+    g.add_argument("--netns", action="store_true", help="each node in its own network namespace (root)")
+    g.add_argument(
+        "--link", metavar="SPEC", help='shape links, e.g. "delay=20ms,jitter=5ms,rate=100mbit,loss=1%%"'
+    )
+
+
+def _faults(args: argparse.Namespace) -> tuple[Any, ...]:
+    from meshai.faults import parse_faults
+
+    return parse_faults(
+        {"kill": args.kill, "pause": args.pause, "partition": args.partition, "slow": args.slow}
+    )
+
+
 def cmd_sim(args: argparse.Namespace) -> int:
     """Start N real node processes on loopback, plan, deploy, stream R requests, check, stop."""
     from meshai.capabilities import parse_profile_list
@@ -681,6 +753,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
         labels=args.labels,
         max_accuracy_drop=args.max_accuracy_drop,
         per_channel=args.per_channel,
+        faults=_faults(args),
+        slo_ms=args.slo,
+        netns=args.netns,
+        link=args.link,
+        recover=not args.no_recover,
     )
     _warn_insecure(args)
     import signal
@@ -728,7 +805,10 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     be = sub.add_parser("bench", help="benchmarks, with ratios against a baseline measured in the same run")
-    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray", "quantize"])
+    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray", "quantize", "recovery"])
+    be.add_argument(
+        "--kills", type=_positive_int, default=10, help="recovery: rounds, one kill each (default 10)"
+    )
     be.add_argument(
         "--cases", type=_positive_int, default=300, help="plan: random DAGs for the quality check"
     )
@@ -820,6 +900,18 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         help="serve /metrics, /healthz, /readyz on the --listen host at PORT (0: any free port)",
     )
     nd.add_argument("--verbose", action="store_true", help="log peers refused, lost and revoked (stderr)")
+    nd.add_argument(
+        "--link",
+        metavar="SPEC",
+        help="emulate this link on every connection, e.g. delay=20ms,jitter=5ms,rate=100mbit,loss=1%%"
+        " (SIGUSR1 takes the link down, SIGUSR2 brings it up)",
+    )
+    nd.add_argument("--link-seed", type=int, default=0, metavar="N", help="seed of the --link emulator")
+    nd.add_argument(
+        "--declare-link",
+        metavar="SPEC",
+        help="advertise this link to planners (rate as bandwidth, delay as latency; default: the profile's)",
+    )
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -910,6 +1002,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--ray-address", metavar="ADDRESS", help="a Ray cluster (default: an embedded local one)")
     si.add_argument("--ray-actors", type=_positive_int, default=2, help="Ray actors (default 2)")
     si.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of the embedded Ray (default 2)")
+    _fault_flags(si)
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)
 

@@ -445,6 +445,8 @@ async def _run_sim(
         network, link, link_info = _network(opts, names, stack)
         if link is not None:
             extra = [*extra, "--link", str(link)]
+        if opts.link:
+            extra = [*extra, "--declare-link", opts.link]  # the planner sees the links as declared
         # Ray first: its start-up blocks for seconds, which must not happen while nodes wait on heartbeats
         ray_model = stack.enter_context(_ray_model(opts, loaded))
         procs = stack.enter_context(
@@ -771,6 +773,40 @@ def sim_table(report: dict[str, Any]) -> str:
                 "offload to ray",
                 f"{off['swarm']} on the swarm, {off['ray']} on Ray (queue threshold {off['threshold']}); "
                 f"p50 {off['latency_ms']['swarm']['p50']:.2f} / {off['latency_ms']['ray']['p50']:.2f} ms",
+            ]
+        )
+    for f in report.get("faults", []):
+        what = {"kill": "killed", "pause": "paused", "partition": "partitioned", "slow": "slowed"}[f["kind"]]
+        rec = (
+            f"{f['recovery_s']:.2f} s to the new plan's first result"
+            if f.get("recovery_s") is not None
+            else "no new plan"
+        )
+        rows.append([f"fault: {what} {f['node']} at {f['at']}", rec])
+    if report.get("faults") or report.get("replans"):
+        rows.append(
+            [
+                "nothing lost",
+                f"{report['lost']} lost, {report['duplicated']} duplicated, {report['replayed']} replayed, "
+                f"{report['stale_dropped']} late results dropped, {report['replans']} replans; "
+                f"final stages {' → '.join(report['final_plan'])}",
+            ]
+        )
+    for d in report.get("decisions", []):
+        if d["event"] in ("joined", "slo"):
+            rows.append(
+                [
+                    f"{d['event']} {','.join(d['nodes'])}".strip(),
+                    f"{'adopted' if d['adopt'] else 'kept'}: {d['reason']}",
+                ]
+            )
+    link = report.get("link")
+    if link:
+        kernel = ", ".join(f"{k} by {link[k]}" for k in ("rate", "delay", "loss") if k in link)
+        rows.append(
+            [
+                "links",
+                f"{link['spec'] or '(emulator only)'}: {kernel}{' in network namespaces' if link.get('netns') else ''}",
             ]
         )
     sec = report.get("security", {})

@@ -24,6 +24,12 @@ sends nothing for ``read_timeout`` is cut off.  A peer that breaks the protocol 
 Iteration over a channel ends quietly when the peer says ``Goodbye`` or when we close
 the channel; any other end (silence, a bad frame, a connection dropped without
 ``Goodbye``) raises ``PeerError`` naming the peer and the reason.
+
+Link emulation (``meshai.linkem``): while a link spec is installed (``meshai node --link``)
+each new channel holds what it sends until its ``LinkShaper`` releases it (delay, jitter,
+rate, loss as TCP shows them), one timer per channel for the head of its queue; held bytes
+count toward the send backpressure.  While the link is down nothing is released and nothing
+is read, on every channel.  Otherwise frames go straight to the socket, as above.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import math
 import socket
 import ssl
 import time
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,6 +49,7 @@ from ssl import SSLContext
 from types import TracebackType
 from typing import Self, TypedDict, Unpack, cast
 
+from meshai import linkem
 from meshai.errors import (
     ConfigError,
     LocalProtocolError,
@@ -80,6 +88,7 @@ WRITE_HIGH_WATER = 4 * _MiB
 _JOIN_MAX = 16 * 1024  # frames up to this size are joined into one write where writelines would join anyway
 _MESSAGE_OVERHEAD = 64  # bytes counted per queued message on top of its tensor and body bytes
 _CLOSE_GRACE = 1.0  # seconds close() lets buffered bytes drain before it aborts the connection
+_HELD_LOW = WRITE_HIGH_WATER // 4  # senders blocked by bytes the link emulator holds resume below this
 _SCRATCH = 64 * 1024
 MIN_FRAME_RATE = 1024 * 1024
 """Bytes/s a peer must at least sustain within a frame: one that trickles slower is cut off after
@@ -188,6 +197,14 @@ class Channel:
         """Why the channel closed, naming the peer; "" while open."""
         self.bytes_sent = 0
         self.bytes_received = 0
+        # link emulator (meshai.linkem): frames held until their release time, in order
+        self._shaper: linkem.LinkShaper | None = None
+        self._held: deque[tuple[float, bytes | memoryview]] = deque()
+        self._held_bytes = 0
+        self._held_handle: asyncio.TimerHandle | None = None
+        self._tx_paused = False  # the transport's write buffer is over its high-water mark
+        self._link_paused = False  # the link is down: reading paused, held frames stay held
+        self._close_when_flushed = False
 
     # ----- public
 
@@ -230,6 +247,11 @@ class Channel:
         return self._queued_bytes
 
     @property
+    def held_bytes(self) -> int:
+        """Bytes the link emulator holds for this channel, not yet written (0 when it is off)."""
+        return self._held_bytes
+
+    @property
     def reading_paused(self) -> bool:
         """True while reading is paused because the receive queue is full."""
         return self._reading_paused
@@ -258,7 +280,7 @@ class Channel:
         ):
             self._reading_paused = False
             self._last_rx = self._opts.clock()  # silence while we were not reading proves nothing
-            if self._transport is not None:
+            if self._transport is not None and not self._link_paused:
                 self._transport.resume_reading()
         return msg
 
@@ -322,7 +344,9 @@ class Channel:
     def _emit(self, transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
         size = sum(len(p) for p in pieces)
         self.bytes_sent += size
-        if type(transport).writelines is not asyncio.WriteTransport.writelines:
+        if self._shaper is not None:
+            self._hold(transport, pieces, size)
+        elif type(transport).writelines is not asyncio.WriteTransport.writelines:
             transport.writelines(pieces)  # scatter-gather (TLS, Python >= 3.12 sockets)
         elif len(pieces) == 1 or size <= _JOIN_MAX:
             transport.write(b"".join(pieces))  # small: one syscall beats several
@@ -364,7 +388,10 @@ class Channel:
             for msg in final:
                 with contextlib.suppress(LocalProtocolError):
                     self._emit(transport, self._conn.send(msg))
-            transport.close()
+            if self._held:
+                self._close_when_flushed = True  # the link emulator still holds frames: close after them
+            else:
+                transport.close()
         self._conn.close()
         for handle in (self._beat_handle, self._check_handle):
             if handle is not None:
@@ -387,6 +414,10 @@ class Channel:
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self._shaper = linkem.new_shaper()
+        _channels.add(self)
+        if linkem.is_down():
+            self._apply_link()
         self._last_rx = self._opts.clock()
         self._beat_handle = self._loop.call_later(self._opts.heartbeat_interval, self._beat)
         self._check_handle = self._loop.call_later(self._opts.check_period, self._check)
@@ -446,6 +477,7 @@ class Channel:
 
     def _connection_lost(self, exc: Exception | None) -> None:
         self._lost.set()
+        self._drop_held()
         if exc is None:
             self._shutdown(f"{self.name} closed the connection without goodbye")
         else:
@@ -457,7 +489,7 @@ class Channel:
             return
         self._beat_handle = self._loop.call_later(self._opts.heartbeat_interval, self._beat)
         # Bytes already waiting to go out prove we are alive just as well.
-        if self._conn.state is State.READY and transport.get_write_buffer_size() == 0:
+        if self._conn.state is State.READY and transport.get_write_buffer_size() == 0 and not self._held:
             self._heartbeat_seq += 1
             self._emit(transport, self._conn.send(Heartbeat(self._heartbeat_seq, self._opts.clock())))
 
@@ -466,6 +498,97 @@ class Channel:
             return
         self._check_handle = self._loop.call_later(self._opts.check_period, self._check)
         self.check_liveness()
+
+    # ----- link emulator (meshai.linkem); none of this runs unless a link spec is installed or the link is down
+
+    def _hold(self, transport: asyncio.Transport, pieces: list[bytes | memoryview], size: int) -> None:
+        """Queue a frame (copied: the caller may reuse its arrays) until the shaper releases it."""
+        shaper = self._shaper
+        assert shaper is not None
+        data = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) else b"".join(pieces)
+        now = self._loop.time()
+        chunk = shaper.chunk_bytes
+        if chunk is None or size <= chunk:
+            parts: list[bytes | memoryview] = [data]
+        else:  # a big frame trickles in over a slow link, as it would over TCP
+            view = memoryview(data)
+            parts = [view[i : i + chunk] for i in range(0, size, chunk)]
+        for part in parts:
+            release = shaper.schedule(now, len(part))
+            if release.drop:
+                self._drop_held()
+                transport.abort()
+                if not self.close_reason:
+                    self._shutdown(
+                        f"link emulator dropped the connection to {self.name}: "
+                        f"lost a packet of a {size}-byte frame (link {shaper.spec})"
+                    )
+                return
+            self._held.append((release.release_at, part))
+        self._held_bytes += size
+        if self._held_bytes > WRITE_HIGH_WATER:
+            self._writable.clear()
+        if self._held_handle is None and not self._link_paused:
+            self._arm()
+
+    def _arm(self) -> None:
+        self._held_handle = self._loop.call_at(self._held[0][0], self._flush)
+
+    def _flush(self) -> None:
+        """Write the held frame the timer was armed for and every other one due, in order."""
+        self._held_handle = None
+        transport = self._transport
+        held = self._held
+        if transport is None or self._link_paused or not held:
+            return
+        if transport.is_closing():
+            self._drop_held()
+            return
+        now = self._loop.time()
+        due = [held.popleft()[1]]  # the head: its time has come (timers may fire a hair early)
+        while held and held[0][0] <= now:
+            due.append(held.popleft()[1])
+        for part in due:
+            self._held_bytes -= len(part)
+        if len(due) == 1:
+            transport.write(due[0])
+        else:
+            transport.writelines(due)
+        if held:
+            self._arm()
+        elif self._close_when_flushed:
+            transport.close()
+        if self._held_bytes <= _HELD_LOW and not self._tx_paused:
+            self._writable.set()
+
+    def _drop_held(self) -> None:
+        self._held.clear()
+        self._held_bytes = 0
+        if self._held_handle is not None:
+            self._held_handle.cancel()
+            self._held_handle = None
+
+    def _apply_link(self) -> None:
+        """Follow ``linkem``'s link state: while down, hold everything sent and read nothing."""
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if linkem.is_down():
+            if self._shaper is None:
+                self._shaper = linkem.LinkShaper(linkem.LinkSpec())  # pass-through, but it can hold
+            if self._held_handle is not None:
+                self._held_handle.cancel()
+                self._held_handle = None
+            if not self._link_paused:
+                self._link_paused = True
+                if not self._reading_paused:
+                    transport.pause_reading()
+        elif self._link_paused:
+            self._link_paused = False
+            if not self._reading_paused:
+                transport.resume_reading()
+            if self._held and self._held_handle is None:
+                self._arm()
 
 
 class _Protocol(asyncio.BufferedProtocol):
@@ -493,10 +616,27 @@ class _Protocol(asyncio.BufferedProtocol):
         self.channel._connection_lost(exc)
 
     def pause_writing(self) -> None:
+        self.channel._tx_paused = True
         self.channel._writable.clear()
 
     def resume_writing(self) -> None:
-        self.channel._writable.set()
+        channel = self.channel
+        channel._tx_paused = False
+        if channel._held_bytes <= WRITE_HIGH_WATER:  # bytes the link emulator holds count too
+            channel._writable.set()
+
+
+_channels: weakref.WeakSet[Channel] = weakref.WeakSet()  # every channel, for link down / up
+
+
+def _on_link_change(down: bool) -> None:
+    """linkem listener (may run in a signal handler): each channel follows in its own loop."""
+    for channel in list(_channels):
+        with contextlib.suppress(RuntimeError):  # its event loop is closed
+            channel._loop.call_soon_threadsafe(channel._apply_link)
+
+
+linkem.subscribe(_on_link_change)
 
 
 async def connect(

@@ -394,3 +394,58 @@ def test_node_hosted_deployment_replans_after_a_stage_node_dies(cnn_path: Path, 
     stages_after = [s["node"] for s in info["deployment"]["plan"]["stages"]]
     assert info["victim"] not in stages_after and len(stages_after) == 3, stages_after
     assert info["deployment"]["errors"] == 0 and info["deployment"]["served"] == len(reqs)
+
+
+@pytest.mark.process
+def test_partition_on_loopback_via_the_link_emulator(cnn_path: Path) -> None:
+    """Without namespaces a partition is the node's link emulator holding its link down (SIGUSR1 ...
+    SIGUSR2): the node is treated as lost, its work replanned and replayed, and it is offered to the
+    planner again once its link is back."""
+    rep = sim(
+        "--model", str(cnn_path), "--nodes", "4", "--stages", "3", "--requests", "1500",
+        "--partition", "stage:1@100:3",
+    )  # fmt: skip
+    assert_nothing_lost(rep)
+    cut = rep["plan"]["stages"][1]["node"]
+    assert rep["recoveries"][0]["lost"] == [cut] and "silent" in rep["recoveries"][0]["reason"]
+    assert rep["link"]["netns"] is False and rep["link"]["delay"] == "meshai"
+    assert any(d["event"] == "joined" and d["nodes"] == [cut] for d in rep["decisions"]), rep["decisions"]
+
+
+@pytest.mark.process
+@pytest.mark.netns
+def test_netns_lossy_links_and_a_ten_second_partition(cnn_path: Path) -> None:
+    """Every node in its own network namespace, links at 20 ms with 1 % loss, one node cut off for 10 s:
+    every request completes exactly once and exactly; the cut node is re-admitted when it returns;
+    every namespace the run made is gone afterwards."""
+    from meshai.netns import netns_unavailable
+
+    why = netns_unavailable()
+    if why:
+        pytest.skip(why)
+    before = _netns()
+    rep = sim(
+        "--model", str(cnn_path), "--nodes", "4", "--stages", "3", "--requests", "1000", "--window", "16",
+        "--netns", "--link", "delay=20ms,loss=1%", "--partition", "stage:1@100:10",
+    )  # fmt: skip
+    assert_nothing_lost(rep)
+    cut = rep["plan"]["stages"][1]["node"]
+    assert rep["recoveries"][0]["lost"] == [cut]
+    link = rep["link"]
+    assert link["netns"] is True and link["spec"] == "delay=20ms,loss=1%"
+    assert link["delay"] in ("netem", "meshai") and link["loss"] in ("netem", "meshai")
+    if link["delay"] == "meshai":
+        assert link["emulated"]["delay_s"] == pytest.approx(0.02) and link["emulated"][
+            "loss"
+        ] == pytest.approx(0.01)
+    assert any(d["event"] == "joined" and d["nodes"] == [cut] for d in rep["decisions"]), rep["decisions"]
+    assert rep["plan"]["stages"][0]["node"] != cut
+    assert rep["plan"]["predicted"]["latency_ms"] >= 2 * 20  # the planner saw the declared 20 ms links
+    assert _netns() == before
+
+
+def _netns() -> set[str]:
+    import subprocess
+
+    out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
