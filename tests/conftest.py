@@ -8,6 +8,8 @@ import os
 
 os.environ.setdefault("MESHAI_PROGRESS", "0")
 
+pytest_plugins = ["loop_helpers"]  # the clean_linkem fixture
+
 
 def pytest_configure(config: object) -> None:
     from runtime_helpers import test_secrets

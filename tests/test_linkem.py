@@ -13,22 +13,22 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import pytest
+from loop_helpers import hello
+from loop_helpers import run as run_clean
 
 from meshai import linkem
 from meshai.errors import ConfigError, PeerError
 from meshai.linkem import MIN_RTO_S, MSS, LinkShaper, LinkSpec, parse_link
 from meshai.protocol import (
-    PROTOCOL_VERSION,
     Control,
     ControlReply,
     FrameDecoder,
-    Hello,
     Infer,
     Result,
     encode,
@@ -42,31 +42,12 @@ MB = 1_000_000
 MiB = 1024 * 1024
 
 
-@pytest.fixture(autouse=True)
-def clean_linkem() -> Iterator[None]:
-    """Every test starts and ends with nothing installed and the link up (module state is global)."""
-    linkem.uninstall()
-    linkem.link_up()
-    try:
-        yield
-    finally:
-        linkem.uninstall()
-        linkem.link_up()
+pytestmark = pytest.mark.usefixtures("clean_linkem")
 
 
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
-    async def main() -> T:
-        result = await asyncio.wait_for(coro, timeout)
-        await asyncio.sleep(0)
-        others = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-        assert not others, f"tasks left running: {others}"
-        return result
-
-    return asyncio.run(main())
-
-
-def hello(node_id: str, role: str = "node") -> Hello:
-    return Hello(node_id, PROTOCOL_VERSION, role, {"accel": "cpu"}, "127.0.0.1:9" if role == "node" else "")
+    """``loop_helpers.run`` with room for emulated delays."""
+    return run_clean(coro, timeout)
 
 
 class Inbox:

@@ -15,7 +15,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -28,7 +28,7 @@ from meshai.netns import NetnsError, SimNetwork, enter_namespace, has_netem, net
 from meshai.protocol import PROTOCOL_VERSION, Control, ControlReply, Hello
 from meshai.transport import Channel, Server, connect
 
-pytestmark = [pytest.mark.netns, pytest.mark.timeout(120)]
+pytestmark = [pytest.mark.netns, pytest.mark.timeout(120), pytest.mark.usefixtures("clean_linkem")]
 
 _REASON = netns_unavailable()
 needs_netns = pytest.mark.skipif(_REASON is not None, reason=_REASON or "")
@@ -41,17 +41,6 @@ def netns_names() -> set[str]:
 
 def net_ns_id() -> str:
     return os.readlink("/proc/thread-self/ns/net")
-
-
-@pytest.fixture(autouse=True)
-def clean_linkem() -> Iterator[None]:
-    linkem.uninstall()
-    linkem.link_up()
-    try:
-        yield
-    finally:
-        linkem.uninstall()
-        linkem.link_up()
 
 
 class Listener:

@@ -1,8 +1,9 @@
 """Failures and the long-lived side of the runtime, with real node processes on loopback.
 
 - ``meshai peers`` lists five nodes of five device classes with their capabilities.
-- A middle node killed (SIGKILL) while requests stream: in-flight requests fail with an error naming
-  it within the design's 3 s (plus a margin), nothing hangs, and its peers drop it.
+- A middle node killed (SIGKILL) while requests stream, with recovery off (``recover=False``, the
+  fail-fast mode): in-flight requests fail with an error naming it within the design's 3 s (plus a
+  margin), nothing hangs, and its peers drop it.  (With recovery, the default, see test_resilience.py.)
 - Garbage, truncated and oversized frames on raw sockets close that connection only; the node goes
   on serving correct results.
 - ``meshai deploy`` / ``deployments`` / ``infer`` / ``undeploy`` from separate processes.
@@ -254,7 +255,9 @@ def test_middle_node_dies_while_requests_stream(sig: signal.Signals) -> None:
                         await asyncio.sleep(0.025)
 
                 watcher: asyncio.Task[None] | None = None
-                async with mesh.deploy(plan, loaded, window=window, request_timeout=30.0) as pipe:
+                async with mesh.deploy(
+                    plan, loaded, window=window, request_timeout=30.0, recover=False
+                ) as pipe:
                     async for out in pipe.stream(requests()):
                         results.append((time.monotonic(), out))
                         if len(results) == 10:

@@ -8,16 +8,16 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pytest
+from loop_helpers import hello, run
 
 from meshai.errors import ConfigError, PeerError
 from meshai.protocol import (
-    PROTOCOL_VERSION,
     Control,
     ControlReply,
     Deploy,
@@ -36,29 +36,11 @@ from meshai.protocol.framing import MAGIC, PREFIX
 from meshai.security import self_signed_tls
 from meshai.transport import Channel, ChannelOptions, Server, connect
 
-T = TypeVar("T")
 HOST = "127.0.0.1"
 FAST: ChannelOptions = {
     "heartbeat_interval": 0.05,
     "dead_after": 0.3,
 }  # quick liveness for tests that need a death
-
-
-def run(coro: Coroutine[Any, Any, T], timeout: float = 9.0) -> T:
-    """Run ``coro`` in a fresh loop, then check it left no task behind."""
-
-    async def main() -> T:
-        result = await asyncio.wait_for(coro, timeout)
-        await asyncio.sleep(0)
-        others = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
-        assert not others, f"tasks left running: {others}"
-        return result
-
-    return asyncio.run(main())
-
-
-def hello(node_id: str, role: str = "node") -> Hello:
-    return Hello(node_id, PROTOCOL_VERSION, role, {"accel": "cpu"}, "127.0.0.1:9" if role == "node" else "")
 
 
 def frame(msg: Message) -> bytes:
