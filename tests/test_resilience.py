@@ -455,3 +455,62 @@ def _netns() -> set[str]:
 
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=False).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+@pytest.mark.process
+def test_a_stronger_node_that_joins_mid_stream_is_adopted(cnn_path: Path) -> None:
+    """Two CPU nodes serve; a GPU node starts in the middle of the stream.  The supervisor finds its
+    advert, the planner prefers a plan with it by more than the 15 % threshold, and the pipeline moves
+    there live: nothing dropped, every output exact, the decision recorded with its reason."""
+    from meshai.mesh import Mesh
+    from meshai.planning import load_for_planning
+    from meshai.sim import NodeProcesses
+    from meshai.tensors import random_inputs, request_slices
+    from nodes.executor import run_whole
+
+    loaded = load_for_planning(str(cnn_path))
+    reqs = request_slices(random_inputs(loaded.model, seed=8, requests=400))
+    mesh_id = unique_mesh()
+    late = NodeProcesses(["g9"], ["gpu"], mesh_id, pace=True)
+
+    async def scenario() -> dict[str, Any]:
+        async with Mesh(mesh=mesh_id, name="joiner", insecure=True) as mesh:
+            await mesh.wait_for_peers(2, timeout=30)
+            plan, _ = mesh.plan(loaded, objective="latency")
+            outs: list[Any] = []
+            async with mesh.deploy(plan, loaded, window=4) as pipe:
+                async for out in pipe.stream(_paced(reqs)):
+                    outs.append(out)
+                    if len(outs) == 50:
+                        late.__enter__()
+                sup = pipe.supervisor
+                assert sup is not None
+                return {
+                    "outs": outs,
+                    "stats": pipe.stats,
+                    "first": plan,
+                    "final": pipe.plan,
+                    "decisions": sup.report(),
+                }  # type: ignore[attr-defined]
+
+    try:
+        with NodeProcesses(["c0", "c1"], ["cpu", "cpu"], mesh_id, pace=True):
+            rep = asyncio.run(scenario())
+    finally:
+        late.stop()
+    assert "g9" not in [s.node for s in rep["first"].stages]
+    joined = [d for d in rep["decisions"] if d["event"] == "joined" and d["nodes"] == ["g9"]]
+    assert joined and joined[0]["adopt"] and joined[0]["gain"] >= 0.15, rep["decisions"]
+    assert "g9" in [s.node for s in rep["final"].stages]
+    stats = rep["stats"]
+    assert stats.ok == len(reqs) and stats.errors == 0 and stats.duplicated == 0 and stats.replans == 1
+    for req, out in zip(reqs, rep["outs"], strict=True):
+        want = run_whole(loaded.model, req)
+        assert max(float(np.abs(out[k] - want[k]).max()) for k in want) < TOL
+
+
+async def _paced(reqs: list[Any], every_s: float = 0.01) -> Any:
+    """The requests as a stream arriving every ``every_s`` seconds (a camera, not a burst)."""
+    for r in reqs:
+        yield r
+        await asyncio.sleep(every_s)
