@@ -396,6 +396,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         mqtt=args.mqtt,
         site=args.site,
         telemetry_interval=args.telemetry_interval,
+        entry_only=args.entry_only,
     )
 
     async def serve() -> None:
@@ -907,6 +908,11 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         " (SIGUSR1 takes the link down, SIGUSR2 brings it up)",
     )
     nd.add_argument("--link-seed", type=int, default=0, metavar="N", help="seed of the --link emulator")
+    nd.add_argument(
+        "--entry-only",
+        action="store_true",
+        help="host long-lived deployments' entries (meshai deploy --entry NAME), never run a stage",
+    )
     nd.add_argument(
         "--declare-link",
         metavar="SPEC",

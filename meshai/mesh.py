@@ -62,6 +62,7 @@ class Peer:
     name: str
     address: str
     capability: NodeCapability
+    entry_only: bool = False  # hosts deployments' entries, never a stage (``meshai node --entry-only``)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -171,7 +172,7 @@ class Mesh:
         if hello.role != "node":
             return None
         self.untrusted.pop(advert.node_id, None)
-        peer = Peer(hello.node_id, hello.listen or address, capability_from_dict(hello.capabilities))
+        peer = _peer(hello, hello.listen or address)
         self._peers[peer.name] = peer
         return peer
 
@@ -203,10 +204,15 @@ class Mesh:
         live = self.pool.live()
         return {k: p for k, p in sorted(self._peers.items()) if k in live}
 
+    def stage_nodes(self) -> list[str]:
+        """Connected nodes that run stages (every node but those started ``--entry-only``), by name."""
+        return [n for n, p in self.peers().items() if not p.entry_only]
+
     def capabilities(self, names: Sequence[str] | None = None) -> list[NodeCapability]:
-        """Capabilities of the connected nodes (in name order, or in the order given)."""
+        """Capabilities of the connected nodes (in name order, or in the order given); by default the
+        nodes that run stages."""
         peers = self.peers()
-        order = list(names) if names is not None else sorted(peers)
+        order = list(names) if names is not None else self.stage_nodes()
         missing = [n for n in order if n not in peers]
         if missing:
             raise PeerError(f"node {missing[0]!r} is not connected (connected: {', '.join(sorted(peers))})")
@@ -345,8 +351,8 @@ class Mesh:
         )
         try:
             if supervisor is not None and package is not None:
-                # every connected node holds the package up front, so that any can take over a stage
-                standby = sorted(self.peers())
+                # every node that runs stages holds the package up front, so that any can take over
+                standby = self.stage_nodes()
                 await pipe.upload(package[0], package[1], nodes=standby)
                 supervisor.has_package.update(standby)
             await self._deploy_generation(
@@ -420,8 +426,8 @@ class Mesh:
             body: dict[str, Any] = {"name": name, "plan": plan.to_dict(), "stage_deployment": sid}
             standby = list(pipe.nodes)
             if package is not None:
-                # every connected node holds the package, so that the entry can replan over any of them
-                standby = sorted(self.peers())
+                # every node that runs stages holds the package, so that the entry can replan over any
+                standby = self.stage_nodes()
                 await pipe.upload(package[0], package[1], nodes=standby)
                 loaded = self._models.get(plan.model)
                 constraints = (
@@ -519,9 +525,7 @@ class Mesh:
         if peer is not None:
             ch = await self.pool.get(name, peer.address)
             hello = ch.their_hello
-            self._peers[name] = Peer(
-                hello.node_id, hello.listen or peer.address, capability_from_dict(hello.capabilities)
-            )
+            self._peers[name] = _peer(hello, hello.listen or peer.address)
         else:
             advert = self._discovery.peers().get(name)
             if advert is None or await self._connect_advert(advert) is None:
@@ -532,6 +536,12 @@ class Mesh:
     def _remote_rid(self) -> int:
         self._next_rid += 1
         return self._next_rid
+
+
+def _peer(hello: Hello, address: str) -> Peer:
+    """A Peer from a node's hello (``entry_only`` when it said it takes no stages)."""
+    caps = hello.capabilities
+    return Peer(hello.node_id, address, capability_from_dict(caps), bool(caps.get("entry_only", False)))
 
 
 class RemoteDeployment:

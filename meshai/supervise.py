@@ -99,7 +99,7 @@ class MeshSupervisor:
         """A plan over the connected nodes other than ``lost`` (PlanError if none is possible): the
         standby plan made for exactly these nodes when the current plan was deployed, or a new one
         (planned in a worker thread: the event loop keeps serving heartbeats meanwhile)."""
-        live = [n for n in self.mesh.peers() if n not in lost]
+        live = [n for n in self.mesh.stage_nodes() if n not in lost]
         if not live:
             raise PlanError(f"no node is left to run {self.model.name!r}")
         key = (frozenset(live), tuple(sorted(self.speeds.items())))
@@ -117,7 +117,7 @@ class MeshSupervisor:
     def _prepare_standby(self, plan: Plan) -> None:
         """Plan ahead, in worker threads, for the loss of each node of ``plan``."""
         self._standby.clear()
-        peers = sorted(self.mesh.peers())
+        peers = self.mesh.stage_nodes()
         for node in dict.fromkeys(s.node for s in plan.stages):
             live = [n for n in peers if n != node]
             if not live:
@@ -133,7 +133,7 @@ class MeshSupervisor:
         from scheduler.adapt import evaluate_plan
 
         names = list(dict.fromkeys(s.node for s in plan.stages))
-        caps = self.mesh.capabilities(sorted(set(names) | set(self.mesh.peers())))
+        caps = self.mesh.capabilities(sorted(set(names) | set(self.mesh.stage_nodes())))
         ev = evaluate_plan(self.model.graph, caps, self._constraints(len(caps)), plan)
         graph = self.model.graph
         by_ops = {
@@ -146,7 +146,7 @@ class MeshSupervisor:
         current plan that can no longer run counts as infeasible)."""
         from scheduler.adapt import evaluate_plan, infeasible
 
-        live = sorted(self.mesh.peers())
+        live = self.mesh.stage_nodes()
         cand, cons = self._plan(live, speeds)
         caps = self.mesh.capabilities(live)
         try:

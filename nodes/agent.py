@@ -91,6 +91,7 @@ class NodeConfig:
     mqtt: str | None = None  # host:port of the telemetry broker (aggregates only, never tensors)
     site: str = "default"
     telemetry_interval: float = 5.0
+    entry_only: bool = False  # host deployments' entries, never run a stage (a site's scheduler service)
 
 
 @dataclass
@@ -194,6 +195,8 @@ class NodeAgent:
     def _hello(self) -> Hello:
         listen = self.address if self._server is not None else ""
         caps = self.config.capability.to_dict()
+        if self.config.entry_only:
+            caps["entry_only"] = True
         if self.trust is not None:
             caps["revocations"] = self.trust.version
         return Hello(self.name, PROTOCOL_VERSION, "node", caps, listen)
@@ -493,6 +496,10 @@ class NodeAgent:
     async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
         from nodes.executor import StageSession
 
+        if self.config.entry_only:
+            return Deployed(
+                msg.deployment, msg.stage_id, False, f"node {self.name!r} hosts entries only (--entry-only)"
+            )
         try:
             reuse = self._reusable(msg)
             if reuse is not None:
