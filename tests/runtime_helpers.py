@@ -171,15 +171,16 @@ class WatchedRun:
     """Run a meshai command that starts node processes itself (``meshai sim``) and watch /proc for its
     child ``meshai node`` processes while it runs, so that afterwards we can prove every one is gone."""
 
-    def __init__(self, *args: str, timeout: float = 180.0) -> None:
+    def __init__(self, *args: str, timeout: float = 180.0, command: Sequence[str] = MESHAI) -> None:
         self.args = args
         self.timeout = timeout
+        self.command = list(command)  # what runs ARGS: ``python -m meshai`` unless told (e.g. a script)
         self.node_pids: set[int] = set()
         self.stderr_files: set[str] = set()  # where the node processes' stderr went (their logs)
 
     def run(self) -> subprocess.CompletedProcess[str]:
         proc = subprocess.Popen(
-            [*MESHAI, *self.args],
+            [*self.command, *self.args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -198,7 +199,7 @@ class WatchedRun:
         try:
             while proc.poll() is None:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"meshai {' '.join(self.args)} ran over {self.timeout} s")
+                    raise TimeoutError(f"{' '.join([*self.command, *self.args])} ran over {self.timeout} s")
                 self._scan(proc.pid)
                 time.sleep(0.05)
         finally:
