@@ -428,7 +428,8 @@ class Mesh:
             if package is not None:
                 # every node that runs stages holds the package, so that the entry can replan over any
                 standby = self.stage_nodes()
-                await pipe.upload(package[0], package[1], nodes=standby)
+                # and so does the entry: it reads the model from it when it replans
+                await pipe.upload(package[0], package[1], nodes=sorted({*standby, entry}))
                 loaded = self._models.get(plan.model)
                 constraints = (
                     self._planned.get(plan.model, (Constraints(), None))[0] if loaded else Constraints()

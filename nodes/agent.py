@@ -744,16 +744,27 @@ class NodeAgent:
                 from nodes.entry import NodeEntrySupervisor
 
                 supervisor = NodeEntrySupervisor.from_body(self, plan, recover)
+            package_ref = str(recover.get("package", "")) if isinstance(recover, Mapping) else ""
             pipe = Pipeline(
                 name,
                 plan,
                 self.pool,
                 stage_id=str(body["stage_deployment"]),
                 owner=True,
+                # end-to-end latency and request counts are measured here, at the entry
+                metrics=self.metrics,
+                version=package_ref.rpartition("@")[2],
                 registry=self._entry_by_stage,
                 supervisor=supervisor,
             )
             self._entries[name] = pipe
+            # The stages report results to this entry. An entry that runs no stage of the plan (an
+            # --entry-only scheduler, or any --entry NODE outside the plan) is unknown to the stage
+            # nodes: open a channel to each, so that they hold one back (and learn our address).
+            for node in dict.fromkeys(s.node for s in plan.stages):
+                if node != self.name:
+                    with contextlib.suppress(MeshaiError, OSError, TimeoutError):
+                        await self.pool.get(node)
             return ControlReply(op, True, {"name": name, "entry": self.name})
         if op == "revocations":
             return await self._revocations(peer, body)

@@ -348,10 +348,14 @@ def test_bench_recovery_reports_a_distribution() -> None:
 
 
 @pytest.mark.process
-def test_node_hosted_deployment_replans_after_a_stage_node_dies(cnn_path: Path, tmp_path: Path) -> None:
-    """A long-lived deployment (entry on a node, stages from a signed package): a stage node SIGKILLed
-    while clients stream through the entry.  The entry node replans over the nodes still holding the
-    package and replays; every client request is answered, exactly."""
+@pytest.mark.parametrize("entry", ["d0", "sched"], ids=["entry-on-a-stage-node", "entry-only-scheduler"])
+def test_node_hosted_deployment_replans_after_a_stage_node_dies(
+    cnn_path: Path, tmp_path: Path, entry: str
+) -> None:
+    """A long-lived deployment (entry on a node — one of its stage nodes, or an ``--entry-only``
+    scheduler — stages from a signed package): a stage node SIGKILLed while clients stream through the
+    entry.  The entry replans over the nodes still holding the package and replays; every client
+    request is answered, exactly."""
     from meshai.mesh import Mesh
     from meshai.planning import load_for_planning
     from meshai.sim import MeshSecrets, NodeProcesses
@@ -363,15 +367,23 @@ def test_node_hosted_deployment_replans_after_a_stage_node_dies(cnn_path: Path, 
     names = ["d0", "d1", "d2", "d3"]
     mesh_id = unique_mesh()
     sec = MeshSecrets(tmp_path)
-    for n in names:
+    for n in [*names, "sched"]:
         sec.issue(n)
     package = sec.package(cnn_path, "cnn")
+    scheduler = NodeProcesses(
+        ["sched"],
+        ["cpu"],
+        mesh_id,
+        pace=False,
+        extra=[*sec.node_args(), "--entry-only"],
+        identities=sec.identities,
+    )
 
     async def scenario(procs: NodeProcesses) -> tuple[list[Any], dict[str, Any]]:
         async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
-            await mesh.wait_for_peers(4, timeout=30)
+            await mesh.wait_for_peers(5, timeout=30)
             plan, _ = mesh.plan(loaded, stages=3, nodes=["d0", "d1", "d2"])
-            await mesh.deploy_named("cnn-live", plan, loaded, entry="d0", package=package)
+            await mesh.deploy_named("cnn-live", plan, loaded, entry=entry, package=package)
             dep = await mesh.attach("cnn-live")
             victim = plan.stages[1].node
             outs: list[Any] = [None] * len(reqs)
@@ -390,15 +402,19 @@ def test_node_hosted_deployment_replans_after_a_stage_node_dies(cnn_path: Path, 
             await mesh.undeploy("cnn-live")
             return outs, {"victim": victim, "deployment": listed[0]}
 
-    with NodeProcesses(
-        names, ["cpu"] * 4, mesh_id, pace=False, extra=sec.node_args(), identities=sec.identities
-    ) as procs:
+    with (
+        NodeProcesses(
+            names, ["cpu"] * 4, mesh_id, pace=False, extra=sec.node_args(), identities=sec.identities
+        ) as procs,
+        scheduler,
+    ):
         outs, info = asyncio.run(scenario(procs))
     for req, out in zip(reqs, outs, strict=True):
         want = run_whole(loaded.model, req)
         assert max(float(np.abs(out[k] - want[k]).max()) for k in want) < TOL
     stages_after = [s["node"] for s in info["deployment"]["plan"]["stages"]]
     assert info["victim"] not in stages_after and len(stages_after) == 3, stages_after
+    assert "sched" not in stages_after and info["deployment"]["entry"] == entry
     assert info["deployment"]["errors"] == 0 and info["deployment"]["served"] == len(reqs)
 
 
