@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
-import secrets
 import sys
-import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -28,13 +25,14 @@ from typing import Any, TypeVar
 import numpy as np
 import onnx
 
+# examples/_common.py: the plumbing the examples share (node processes, command line, PNG, printing)
+from _common import add_output_flags, local_swarm, run_and_report, verdict
+
 from meshai.argtypes import positive_int
 from meshai.cnn import small_cnn
 from meshai.errors import MeshaiError
-from meshai.mesh import Mesh
 from meshai.overflow import OverflowRouter
 from meshai.planning import load_for_planning
-from meshai.sim import MeshSecrets, NodeProcesses
 from meshai.tables import format_table
 from meshai.tensors import max_abs_diff
 from nodes.executor import StageSession
@@ -71,40 +69,21 @@ async def run(
         link_latency_s=0.02,
     )
     bulk_decision = decide(policy, bulk)
-    mesh_id = secrets.token_hex(4)
     # Ray before the node processes: its start-up blocks for seconds, which live channels must not wait on
-    with (
-        RayBackend(num_cpus=2, actors=2) as backend,
-        tempfile.TemporaryDirectory(prefix="meshai-example-") as work,
-    ):
+    with RayBackend(num_cpus=2, actors=2) as backend:
         on_ray = backend.load(loaded.model.SerializeToString())  # the whole model, once, on 2 actors
-        sec = MeshSecrets(Path(work))
-        for name in NODES:
-            sec.issue(name)
-        package = sec.package(model_path, loaded.name)
-        with NodeProcesses(
-            list(NODES),
-            list(NODES.values()),
-            mesh_id,
-            pace=True,
-            extra=sec.node_args(),
-            identities=sec.identities,
-        ):
-            async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
-                await mesh.wait_for_peers(len(NODES), timeout=30)
-                plan, _ = mesh.plan(loaded, objective="throughput")
-                async with mesh.deploy(plan, loaded, package=package) as pipe:
-                    bulk_job: asyncio.Task[tuple[list[Any], float]]
-                    if bulk_decision.target == "ray":  # blocking Ray calls: in a thread, off the event loop
-                        bulk_job = asyncio.create_task(
-                            timed(asyncio.to_thread(on_ray.run_batch, archive, 32))
-                        )
-                    else:
-                        bulk_job = asyncio.create_task(timed(collect(pipe.stream(archive))))
-                    router = OverflowRouter(pipe, on_ray, policy)
-                    report, live_s = await timed(router.run(live, rate=rate))
-                    bulk_out, bulk_s = await bulk_job
-                    example = router.state(live[0])
+        async with local_swarm(NODES, model_path, loaded.name) as (mesh, package):
+            plan, _ = mesh.plan(loaded, objective="throughput")
+            async with mesh.deploy(plan, loaded, package=package) as pipe:
+                bulk_job: asyncio.Task[tuple[list[Any], float]]
+                if bulk_decision.target == "ray":  # blocking Ray calls: in a thread, off the event loop
+                    bulk_job = asyncio.create_task(timed(asyncio.to_thread(on_ray.run_batch, archive, 32)))
+                else:
+                    bulk_job = asyncio.create_task(timed(collect(pipe.stream(archive))))
+                router = OverflowRouter(pipe, on_ray, policy)
+                report, live_s = await timed(router.run(live, rate=rate))
+                bulk_out, bulk_s = await bulk_job
+                example = router.state(live[0])
     whole = StageSession(loaded.model, name="whole model")
     worst = 0.0
     for got, req in [*zip(report.results, live, strict=True), *zip(bulk_out, archive, strict=True)]:
@@ -185,21 +164,13 @@ def report_table(rep: dict[str, Any]) -> str:
         f"({bulk['throughput_rps']:.0f}/s), alongside the live stream ({live['seconds']:.2f} s)",
         f"swarm plan: {stages}; "
         f"every result vs the whole model (onnxruntime): max abs diff {rep['max_abs_diff']:.3g}, "
-        f"{'match' if rep['outputs_match'] else 'MISMATCH'}",
+        f"{verdict(rep['outputs_match'])}",
     ]
     return "\n".join(lines)
 
 
-def plot(rep: dict[str, Any], path: Path) -> Path | None:
+def plot(rep: dict[str, Any], plt: Any) -> Any:
     """Where the work went (per rule) and the live latency on each side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no PNG: pip install 'meshai[plot]' for matplotlib", file=sys.stderr)
-        return None
     live, bulk = rep["live"], rep["bulk"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=110)
     labels = [f"live · {r}" for r in live["rules"]] + [f"bulk · {bulk['rule']}"]
@@ -218,10 +189,7 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     ax2.set_ylabel("ms")
     ax2.set_title(f"live latency at {live['rate_rps']:g} frames/s")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,25 +208,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--uplink-mbit", type=float, default=100.0, help="uplink to the cloud in Mbit/s (default 100)"
     )
-    p.add_argument(
-        "--quick", action="store_true", help="a small run (120 live, 300 archived), as the tests use"
-    )
-    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
-    p.add_argument("--out", type=Path, default=Path("examples-out/cloud_offload"), help="output folder")
+    add_output_flags(p, "cloud_offload", quick="120 live, 300 archived")
     args = p.parse_args(argv)
     if not (args.rate > 0 and args.uplink_mbit > 0):
         p.error("--rate and --uplink-mbit must be positive numbers")
     live, archive = (120, 300) if args.quick else (args.live, args.archive)
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        rep = asyncio.run(run(live, args.rate, archive, args.threshold, args.uplink_mbit, args.out))
-    except MeshaiError as exc:  # e.g. Ray missing: "the Ray backend needs Ray: pip install 'meshai[ray]'"
-        print(f"cloud_offload: error: {exc}", file=sys.stderr)
-        return 1
-    png = plot(rep, args.out / "cloud_offload.png")
-    rep["png"] = str(png) if png else None
-    print(json.dumps(rep, indent=2) if args.json else report_table(rep) + (f"\nPNG: {png}" if png else ""))
-    return 0 if rep["outputs_match"] else 1
+    # a MeshaiError is one line, e.g. Ray missing: "the Ray backend needs Ray: pip install 'meshai[ray]'"
+    work = run(live, args.rate, archive, args.threshold, args.uplink_mbit, args.out)
+    return run_and_report("cloud_offload", args, work, plot, report_table)
 
 
 if __name__ == "__main__":

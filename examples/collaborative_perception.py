@@ -13,23 +13,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import secrets
 import sys
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+
+# examples/_common.py: the plumbing the examples share (node processes, command line, PNG, printing)
+from _common import add_output_flags, local_swarm, run_and_report, verdict
 from onnx import TensorProto, helper, numpy_helper
 
 from meshai.argtypes import positive_int
 from meshai.errors import MeshaiError
-from meshai.mesh import Mesh
 from meshai.planning import load_for_planning
-from meshai.sim import MeshSecrets, NodeProcesses
 from meshai.tables import format_table, human_bytes
 from meshai.tensors import max_abs_diff
 from nodes.executor import StageSession
@@ -116,35 +114,19 @@ async def run(frames: int, fps: float, out: Path) -> dict[str, Any]:
     ]
     nodes = {**ROBOTS, **HUB}
     pins = {f"cam{c}": robot for c, robot in enumerate(ROBOTS)}
-    mesh_id = secrets.token_hex(4)  # a private mDNS service type: other swarms stay invisible
-    with tempfile.TemporaryDirectory(prefix="meshai-example-") as work:
-        sec = MeshSecrets(Path(work))  # throwaway mesh CA, node identities, fleet signing key
-        for name in nodes:
-            sec.issue(name)
-        package = sec.package(model_path, loaded.name)  # signed, encrypted for the four nodes
-        with NodeProcesses(
-            list(nodes),
-            list(nodes.values()),
-            mesh_id,
-            pace=True,
-            extra=sec.node_args(),
-            identities=sec.identities,
-        ):
-            async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
-                await mesh.wait_for_peers(len(nodes), timeout=30)
-                plan, _ = mesh.plan(loaded, pins=pins)
-                async with mesh.deploy(plan, loaded, package=package) as pipe:
-                    results = [r async for r in pipe.stream(camera_feed(requests, fps))]
-                    events = []
-                    for name in nodes:
-                        reply = await mesh.pool.control(name, "events", {"deployment": pipe.name})
-                        events += reply.body["events"]
-                    sent = {name: int((await mesh.status(name))["bytes_sent"]) for name in nodes}
-                    latency = pipe.stats.latency_ms()
-                    throughput = pipe.stats.throughput_rps()
-                strongest = max(
-                    mesh.peers().values(), key=lambda p: p.capability.profile.flops.get("fp32", 0)
-                )
+    # four node processes on loopback; the package: the model, signed and encrypted for them
+    async with local_swarm(nodes, model_path, loaded.name) as (mesh, package):
+        plan, _ = mesh.plan(loaded, pins=pins)
+        async with mesh.deploy(plan, loaded, package=package) as pipe:
+            results = [r async for r in pipe.stream(camera_feed(requests, fps))]
+            events = []
+            for name in nodes:
+                reply = await mesh.pool.control(name, "events", {"deployment": pipe.name})
+                events += reply.body["events"]
+            sent = {name: int((await mesh.status(name))["bytes_sent"]) for name in nodes}
+            latency = pipe.stats.latency_ms()
+            throughput = pipe.stats.throughput_rps()
+        strongest = max(mesh.peers().values(), key=lambda p: p.capability.profile.flops.get("fp32", 0))
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise MeshaiError(f"{len(failed)} of {frames} frames failed; first: {failed[0]}")
@@ -246,22 +228,14 @@ def report_table(rep: dict[str, Any]) -> str:
         f"bytes sent: {human_bytes(b['features'])} of features vs {human_bytes(b['raw_frames'])} of raw frames "
         f"to one place ({b['saved_pct']:.2f} % saved)",
         f"{rep['ok']} fused results, max abs diff vs the whole model (onnxruntime) {rep['max_abs_diff']:.3g}: "
-        f"{'match' if rep['outputs_match'] else 'MISMATCH'}; end-to-end p50 {rep['latency_ms']['p50']:.1f} ms, "
+        f"{verdict(rep['outputs_match'])}; end-to-end p50 {rep['latency_ms']['p50']:.1f} ms, "
         f"{rep['throughput_rps']:.1f} frames/s",
     ]
     return "\n".join(lines)
 
 
-def plot(rep: dict[str, Any], path: Path) -> Path | None:
+def plot(rep: dict[str, Any], plt: Any) -> Any:
     """Per-robot latency and bytes sent vs raw frames, side by side."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no PNG: pip install 'meshai[plot]' for matplotlib", file=sys.stderr)
-        return None
     names = list(rep["robots"])
     r = [rep["robots"][n] for n in names]
     x = np.arange(len(names))
@@ -280,35 +254,20 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     ax2.set_ylabel("bytes per frame (log)")
     ax2.set_title(f"bandwidth: {rep['bytes_sent']['saved_pct']:.2f} % saved")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--frames", type=positive_int, default=200, help="frame triples to stream (default 200)")
     p.add_argument("--fps", type=float, default=30.0, help="camera frame rate (default 30)")
-    p.add_argument("--quick", action="store_true", help="a small run (40 frames), as the tests use")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
-    p.add_argument(
-        "--out", type=Path, default=Path("examples-out/collaborative_perception"), help="output folder"
-    )
+    add_output_flags(p, "collaborative_perception", quick="40 frames")
     args = p.parse_args(argv)
     if not args.fps > 0:
         p.error("--fps must be a positive number of frames per second")
     frames = 40 if args.quick else args.frames
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        rep = asyncio.run(run(frames, args.fps, args.out))
-    except MeshaiError as exc:
-        print(f"collaborative_perception: error: {exc}", file=sys.stderr)
-        return 1
-    png = plot(rep, args.out / "collaborative_perception.png")
-    rep["png"] = str(png) if png else None
-    print(json.dumps(rep, indent=2) if args.json else report_table(rep) + (f"\nPNG: {png}" if png else ""))
-    return 0 if rep["outputs_match"] else 1
+    work = run(frames, args.fps, args.out)
+    return run_and_report("collaborative_perception", args, work, plot, report_table)
 
 
 if __name__ == "__main__":

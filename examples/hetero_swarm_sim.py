@@ -15,19 +15,19 @@ int8-only tpu and mcu take no stage (quantize_and_deploy.py gives one a stage in
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
+
+# examples/_common.py: the plumbing the examples share (node processes, command line, PNG, printing)
+from _common import add_output_flags, run_and_report, verdict
 from onnx import TensorProto, helper, numpy_helper
 
 from meshai.argtypes import positive_int
 from meshai.capabilities import BUILTIN_PROFILES
-from meshai.errors import MeshaiError
 from meshai.sim import SimOptions, run_sim
 from meshai.tables import format_table
 
@@ -163,23 +163,15 @@ def report_table(rep: dict[str, Any]) -> str:
         f"nodes {', '.join(f'{n}={p}' for n, p in rep['nodes'].items())}; frames born on {rep['pins']['image']}; "
         f"links {rep['link']}",
         "latency measured one request at a time, throughput with 8 in flight; outputs vs the whole model "
-        f"(onnxruntime): {'match' if rep['outputs_match'] else 'MISMATCH'}",
+        f"(onnxruntime): {verdict(rep['outputs_match'])}",
     ]
     for obj, r in rep["objectives"].items():
         lines.append(f"idle under {obj}: " + "; ".join(f"{n} ({why})" for n, why in r["idle"].items()))
     return "\n".join(lines)
 
 
-def plot(rep: dict[str, Any], path: Path) -> Path | None:
+def plot(rep: dict[str, Any], plt: Any) -> Any:
     """Two bar groups: latency (predicted, p50, p95) and throughput (predicted, measured) per objective."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no PNG: pip install 'meshai[plot]' for matplotlib", file=sys.stderr)
-        return None
     objs = list(rep["objectives"])
     r = [rep["objectives"][o] for o in objs]
     x = np.arange(len(objs))
@@ -203,10 +195,7 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     ax2.set_title("throughput")
     ax2.legend(fontsize=8)
     fig.suptitle(f"camera CNN on a paced cpu/gpu/npu/tpu/mcu swarm, links {rep['link']}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,20 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         help="requests per latency run; throughput runs twice as many",
     )
     p.add_argument("--link", default="delay=5ms,rate=100mbit", help="every node's link (tc-like spec)")
-    p.add_argument("--quick", action="store_true", help="a small run (25 requests), as the tests use")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of a table")
-    p.add_argument("--out", type=Path, default=Path("examples-out/hetero_swarm_sim"), help="output folder")
+    add_output_flags(p, "hetero_swarm_sim", quick="25 requests", tables="a table")
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        rep = asyncio.run(run(25 if args.quick else args.requests, args.link, args.out))
-    except MeshaiError as exc:
-        print(f"hetero_swarm_sim: error: {exc}", file=sys.stderr)
-        return 1
-    png = plot(rep, args.out / "hetero_swarm_sim.png")
-    rep["png"] = str(png) if png else None
-    print(json.dumps(rep, indent=2) if args.json else report_table(rep) + (f"\nPNG: {png}" if png else ""))
-    return 0 if rep["outputs_match"] else 1
+    work = run(25 if args.quick else args.requests, args.link, args.out)
+    return run_and_report("hetero_swarm_sim", args, work, plot, report_table)
 
 
 if __name__ == "__main__":

@@ -14,23 +14,20 @@ against the whole model with the same ops quantized, run by onnxruntime here.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import secrets
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import onnx
 
+# examples/_common.py: the plumbing the examples share (node processes, command line, PNG, printing)
+from _common import add_output_flags, local_swarm, run_and_report, verdict
+
 from meshai.argtypes import positive_int
 from meshai.capabilities import BUILTIN_PROFILES
 from meshai.digits import train_digits
 from meshai.errors import MeshaiError
-from meshai.mesh import Mesh
 from meshai.planning import load_for_planning, prepare_quantization
-from meshai.sim import MeshSecrets, NodeProcesses
 from meshai.tables import format_table, human_bytes
 from meshai.tensors import max_abs_diff
 from scheduler.quantize import CALIBRATION_FILE, accuracy_pts, quantize, run_model
@@ -51,34 +48,20 @@ async def run(samples: int | None, budget: float, out: Path) -> dict[str, Any]:
     assert quant.labels is not None
     labels = quant.labels[: len(requests)]
 
-    mesh_id = secrets.token_hex(4)
-    with tempfile.TemporaryDirectory(prefix="meshai-example-") as work:
-        sec = MeshSecrets(Path(work))
-        for name in NODES:
-            sec.issue(name)
-        # nodes quantize their int8 stages themselves, from the calibration shipped in the package
-        package = sec.package(case.model, loaded.name, extra={CALIBRATION_FILE: quant.calibration.to_bytes()})
-        with NodeProcesses(
-            list(NODES),
-            list(NODES.values()),
-            mesh_id,
-            pace=True,
-            extra=sec.node_args(),
-            identities=sec.identities,
-        ):
-            async with Mesh(mesh=mesh_id, identity=sec.client) as mesh:
-                await mesh.wait_for_peers(len(NODES), timeout=30)
-                plan, _ = mesh.plan(
-                    loaded,
-                    stages=2,  # two stages, so that activations cross a link
-                    pins={"pixels": "camera"},
-                    quantization=quant,
-                    max_accuracy_drop=budget,
-                )
-                async with mesh.deploy(plan, loaded, package=package) as pipe:
-                    results = [r async for r in pipe.stream(requests)]
-                    sent = {n: int((await mesh.status(n))["bytes_sent"]) for n in NODES}
-                    latency, throughput = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
+    # nodes quantize their int8 stages themselves, from the calibration shipped in the package
+    calibration = {CALIBRATION_FILE: quant.calibration.to_bytes()}
+    async with local_swarm(NODES, case.model, loaded.name, extra=calibration) as (mesh, package):
+        plan, _ = mesh.plan(
+            loaded,
+            stages=2,  # two stages, so that activations cross a link
+            pins={"pixels": "camera"},
+            quantization=quant,
+            max_accuracy_drop=budget,
+        )
+        async with mesh.deploy(plan, loaded, package=package) as pipe:
+            results = [r async for r in pipe.stream(requests)]
+            sent = {n: int((await mesh.status(n))["bytes_sent"]) for n in NODES}
+            latency, throughput = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise MeshaiError(f"{len(failed)} of {len(requests)} requests failed; first: {failed[0]}")
@@ -159,7 +142,7 @@ def report_table(rep: dict[str, Any]) -> str:
         ],
         [
             "vs whole model, same ops int8",
-            f"max abs diff {rep['max_abs_diff']:.3g}: {'match' if rep['outputs_match'] else 'MISMATCH'}",
+            f"max abs diff {rep['max_abs_diff']:.3g}: {verdict(rep['outputs_match'])}",
         ],
         ["vs whole fp32 model", f"max abs diff {rep['max_abs_diff_fp32']:.3g} (int8 rounding)"],
         [
@@ -170,16 +153,8 @@ def report_table(rep: dict[str, Any]) -> str:
     return plan + "\n\n" + format_table(["quantize and deploy", "result"], rows)
 
 
-def plot(rep: dict[str, Any], path: Path) -> Path | None:
+def plot(rep: dict[str, Any], plt: Any) -> Any:
     """Accuracy and model size, fp32 vs int8."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("no PNG: pip install 'meshai[plot]' for matplotlib", file=sys.stderr)
-        return None
     a, z = rep["accuracy"], rep["sizes"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.8), dpi=110)
     colors = ["#4C72B0", "#DD8452"]
@@ -190,10 +165,7 @@ def plot(rep: dict[str, Any], path: Path) -> Path | None:
     ax2.bar(["fp32", "int8"], [z["fp32_bytes"] / 1024, z["int8_bytes"] / 1024], color=colors)
     ax2.set_ylabel("KiB")
     ax2.set_title(f"model size: {z['ratio']:.2f}× smaller")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,20 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--budget", type=float, default=1.0, help="accuracy the int8 stages may cost, in points (default 1)"
     )
-    p.add_argument("--quick", action="store_true", help="a small run (150 images), as the tests use")
-    p.add_argument("--json", action="store_true", help="print the figures as JSON instead of tables")
-    p.add_argument("--out", type=Path, default=Path("examples-out/quantize_and_deploy"), help="output folder")
+    add_output_flags(p, "quantize_and_deploy", quick="150 images")
     args = p.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        rep = asyncio.run(run(150 if args.quick else args.samples, args.budget, args.out))
-    except MeshaiError as exc:
-        print(f"quantize_and_deploy: error: {exc}", file=sys.stderr)
-        return 1
-    png = plot(rep, args.out / "quantize_and_deploy.png")
-    rep["png"] = str(png) if png else None
-    print(json.dumps(rep, indent=2) if args.json else report_table(rep) + (f"\nPNG: {png}" if png else ""))
-    return 0 if rep["outputs_match"] else 1
+    work = run(150 if args.quick else args.samples, args.budget, args.out)
+    return run_and_report("quantize_and_deploy", args, work, plot, report_table)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,6 @@ and the signals ``meshai node --link`` listens to, in a child process)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import os
 import signal
@@ -19,7 +18,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 import pytest
-from loop_helpers import hello
+from loop_helpers import (
+    FAST,
+    HOST,
+    Inbox,
+    close_writer,
+    connect_client,
+    echo_handler,
+    hello,
+    raw_client,
+    serving,
+)
 from loop_helpers import run as run_clean
 
 from meshai import linkem
@@ -28,16 +37,13 @@ from meshai.linkem import MIN_RTO_S, MSS, LinkShaper, LinkSpec, parse_link
 from meshai.protocol import (
     Control,
     ControlReply,
-    FrameDecoder,
     Infer,
-    Result,
     encode,
 )
 from meshai.security import self_signed_tls
-from meshai.transport import WRITE_HIGH_WATER, Channel, ChannelOptions, Server, connect
+from meshai.transport import WRITE_HIGH_WATER, ChannelOptions, connect
 
 T = TypeVar("T")
-HOST = "127.0.0.1"
 MB = 1_000_000
 MiB = 1024 * 1024
 
@@ -48,28 +54,6 @@ pytestmark = pytest.mark.usefixtures("clean_linkem")
 def run(coro: Coroutine[Any, Any, T], timeout: float = 20.0) -> T:
     """``loop_helpers.run`` with room for emulated delays."""
     return run_clean(coro, timeout)
-
-
-class Inbox:
-    """Server handler that hands each channel to the test and keeps it open until it closes."""
-
-    def __init__(self) -> None:
-        self.channels: asyncio.Queue[Channel] = asyncio.Queue()
-
-    async def __call__(self, channel: Channel) -> None:
-        await self.channels.put(channel)
-        await channel.closed.wait()
-
-    async def next(self) -> Channel:
-        return await asyncio.wait_for(self.channels.get(), 5.0)
-
-
-async def echo(ch: Channel) -> None:
-    async for msg in ch:
-        if isinstance(msg, Control):
-            await ch.send(ControlReply(msg.op, True, msg.body))
-        elif isinstance(msg, Infer):
-            await ch.send(Result(msg.request_id, msg.deployment, msg.tensors))
 
 
 # --------------------------------------------------------------------------- the spec language
@@ -327,9 +311,9 @@ def test_link_down_and_up_notify_listeners_and_hold_unshaped_channels() -> None:
 
 def test_delay_applies_each_way_and_messages_arrive_complete_in_order() -> None:
     async def main() -> None:
-        inbox = Inbox()
+        inbox = Inbox(timeout=5.0)
         with linkem.shaped(LinkSpec(delay_s=0.05), seed=1):
-            async with Server(HOST, 0, lambda: hello("srv"), inbox) as srv:
+            async with serving(inbox) as srv:
                 t0 = time.perf_counter()
                 client = await connect(HOST, srv.port, hello("c", "client"))
                 assert time.perf_counter() - t0 >= 0.1  # hello there and back
@@ -378,9 +362,9 @@ def test_rate_limits_throughput_and_held_bytes_block_the_sender() -> None:
     total = 12
 
     async def main() -> None:
-        inbox = Inbox()
+        inbox = Inbox(timeout=5.0)
         with linkem.shaped(LinkSpec(rate_Bps=rate), seed=2):
-            async with Server(HOST, 0, lambda: hello("srv"), inbox) as srv:
+            async with serving(inbox) as srv:
                 client = await connect(HOST, srv.port, hello("c", "client"))
                 server_side = await inbox.next()
                 x = np.ones(frame // 4, np.float32)
@@ -415,8 +399,8 @@ def test_rate_limits_throughput_and_held_bytes_block_the_sender() -> None:
 
 def test_drop_mode_closes_the_channel_naming_the_emulator() -> None:
     async def main() -> None:
-        inbox = Inbox()
-        async with Server(HOST, 0, lambda: hello("srv"), inbox) as srv:
+        inbox = Inbox(timeout=5.0)
+        async with serving(inbox) as srv:
             dropping = linkem.shaped(LinkSpec(loss=1.0, loss_mode="drop"))
             with dropping, pytest.raises(PeerError, match="link emulator dropped the connection"):
                 await connect(HOST, srv.port, hello("c", "client"))
@@ -436,12 +420,10 @@ def test_drop_mode_closes_the_channel_naming_the_emulator() -> None:
 
 
 def test_link_down_holds_traffic_until_peers_declare_it_dead() -> None:
-    fast: ChannelOptions = {"heartbeat_interval": 0.05, "dead_after": 0.3}
-
     async def main() -> None:
-        inbox = Inbox()
-        async with Server(HOST, 0, lambda: hello("srv"), inbox, **fast) as srv:
-            client = await connect(HOST, srv.port, hello("c", "client"), **fast)
+        inbox = Inbox(timeout=5.0)
+        async with serving(inbox, **FAST) as srv:
+            client = await connect(HOST, srv.port, hello("c", "client"), **FAST)
             server_side = await inbox.next()
             linkem.link_down()
             await asyncio.sleep(0)  # channels follow the link state in their own loop
@@ -465,17 +447,11 @@ def test_link_up_releases_what_was_held(tls: bool, tmp_path: Path) -> None:
     server_ctx, client_ctx = self_signed_tls(tmp_path, HOST) if tls else (None, None)
 
     async def main() -> None:
-        inbox = Inbox()
+        inbox = Inbox(timeout=5.0)
         # dead_after (2 s) outlasts the cut; a delay on top, so held frames are shaped frames too
         with linkem.shaped(LinkSpec(delay_s=0.01)):
-            async with Server(HOST, 0, lambda: hello("srv"), inbox, ssl=server_ctx) as srv:
-                client = await connect(
-                    HOST,
-                    srv.port,
-                    hello("c", "client"),
-                    ssl=client_ctx,
-                    server_hostname="localhost" if tls else None,
-                )
+            async with serving(inbox, ssl=server_ctx) as srv:
+                client = await connect_client(srv.port, client_ctx)
                 server_side = await inbox.next()
                 linkem.link_down()
                 await asyncio.sleep(0)
@@ -499,14 +475,9 @@ def test_bytes_arriving_while_the_link_is_down_wait_until_it_is_up() -> None:
     """A raw peer (not subject to the emulator) keeps sending: nothing is processed while down."""
 
     async def main() -> None:
-        inbox = Inbox()
-        async with Server(HOST, 0, lambda: hello("srv"), inbox) as srv:
-            reader, writer = await asyncio.open_connection(HOST, srv.port)
-            writer.write(b"".join(bytes(p) for p in encode(hello("raw", "client"))))
-            decoder = FrameDecoder()
-            got: list[Any] = []
-            while not got:
-                got = decoder.feed(await asyncio.wait_for(reader.read(65536), 3.0))
+        inbox = Inbox(timeout=5.0)
+        async with serving(inbox) as srv:
+            _, writer = await raw_client(srv.port)
             server_side = await inbox.next()
             linkem.link_down()
             await asyncio.sleep(0)
@@ -517,16 +488,14 @@ def test_bytes_arriving_while_the_link_is_down_wait_until_it_is_up() -> None:
             assert server_side.buffered_bytes == 0 and server_side.bytes_received == before
             linkem.link_up()
             assert await asyncio.wait_for(server_side.recv(), 2.0) == Control("while down", {})
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
+            await close_writer(writer)
 
     run(main())
 
 
 def test_unshaped_channels_take_the_fast_path() -> None:
     async def main() -> None:
-        async with Server(HOST, 0, lambda: hello("srv"), echo) as srv:
+        async with serving(echo_handler) as srv:
             client = await connect(HOST, srv.port, hello("c", "client"))
             assert client._shaper is None
             await client.send(Control("ping", {}))

@@ -8,13 +8,23 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
-from loop_helpers import hello, run
+from loop_helpers import (
+    FAST,
+    HOST,
+    Inbox,
+    close_writer,
+    connect_client,
+    echo_handler,
+    frame,
+    hello,
+    raw_client,
+    run,
+    serving,
+)
 
 from meshai.errors import ConfigError, PeerError
 from meshai.protocol import (
@@ -25,58 +35,14 @@ from meshai.protocol import (
     Error,
     FrameDecoder,
     Goodbye,
-    Hello,
     Infer,
     Message,
     Result,
     Undeploy,
-    encode,
 )
 from meshai.protocol.framing import MAGIC, PREFIX
 from meshai.security import self_signed_tls
 from meshai.transport import Channel, ChannelOptions, Server, connect
-
-HOST = "127.0.0.1"
-FAST: ChannelOptions = {
-    "heartbeat_interval": 0.05,
-    "dead_after": 0.3,
-}  # quick liveness for tests that need a death
-
-
-def frame(msg: Message) -> bytes:
-    return b"".join(bytes(p) for p in encode(msg))
-
-
-class Inbox:
-    """Server-side handler that hands each channel to the test and keeps it open until closed."""
-
-    def __init__(self) -> None:
-        self.channels: asyncio.Queue[Channel] = asyncio.Queue()
-
-    async def __call__(self, channel: Channel) -> None:
-        await self.channels.put(channel)
-        await channel.closed.wait()
-
-    async def next(self) -> Channel:
-        return await asyncio.wait_for(self.channels.get(), 3.0)
-
-
-@contextlib.asynccontextmanager
-async def serving(handler: Callable[[Channel], Awaitable[None]], **kwargs: Any) -> AsyncIterator[Server]:
-    async with Server(HOST, 0, lambda: hello("srv"), handler, **kwargs) as srv:
-        yield srv
-
-
-async def raw_client(port: int, node_id: str = "raw") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """A hand-driven client: sends a Hello frame, reads the server's Hello, then does what the test says."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    writer.write(frame(hello(node_id, "client")))
-    decoder = FrameDecoder()
-    got: list[Message] = []
-    while not got:
-        got = decoder.feed(await asyncio.wait_for(reader.read(65536), 3.0))
-    assert isinstance(got[0], Hello) and got[0].node_id == "srv"
-    return reader, writer
 
 
 async def read_until_eof(reader: asyncio.StreamReader) -> list[Message]:
@@ -89,12 +55,6 @@ async def read_until_eof(reader: asyncio.StreamReader) -> list[Message]:
     return out
 
 
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError):
-        await writer.wait_closed()
-
-
 async def good_client_works(port: int) -> None:
     """A well-behaved client still gets served: it connects and round-trips a Control message."""
 
@@ -103,17 +63,6 @@ async def good_client_works(port: int) -> None:
     reply = await asyncio.wait_for(client.recv(), 3.0)
     assert reply == ControlReply("ping", True, {"n": 1})
     await client.close()
-
-
-async def echo_handler(ch: Channel) -> None:
-    """Answer Control with ControlReply, echo Infer as Result, anything else back as it is."""
-    async for msg in ch:
-        if isinstance(msg, Control):
-            await ch.send(ControlReply(msg.op, True, msg.body))
-        elif isinstance(msg, Infer):
-            await ch.send(Result(msg.request_id, msg.deployment, msg.tensors))
-        else:
-            await ch.send(msg)
 
 
 # --------------------------------------------------------------------------- handshake and messages
@@ -205,14 +154,7 @@ def test_slow_consumer_blocks_sender_and_bounds_buffering(tls: bool, tmp_path: P
         inbox = Inbox()
         liveness: ChannelOptions = {"heartbeat_interval": 0.05, "dead_after": 0.4}  # the pause outlasts it
         async with serving(inbox, ssl=server_ctx, max_queue_bytes=cap, **liveness) as srv:
-            client = await connect(
-                HOST,
-                srv.port,
-                hello("c", "client"),
-                ssl=client_ctx,
-                server_hostname="localhost" if tls else None,
-                **liveness,
-            )
+            client = await connect_client(srv.port, client_ctx, **liveness)
             server_side = await inbox.next()
             x = np.ones(mib, np.float32)  # 4 MiB
             total = 40  # 160 MiB: far more than every buffer on the way together
@@ -591,9 +533,7 @@ def test_tls_round_trip(tmp_path: Path) -> None:
 
     async def main() -> None:
         async with serving(echo_handler, ssl=server_ctx) as srv:
-            client = await connect(
-                HOST, srv.port, hello("c", "client"), ssl=client_ctx, server_hostname="localhost"
-            )
+            client = await connect_client(srv.port, client_ctx)
             assert client.peer_id == "srv"
             x = np.random.default_rng(1).standard_normal(1024 * 1024, dtype=np.float32)
             for i, arr in enumerate((x, x[: 16 * 1024], x[:3])):
