@@ -479,6 +479,12 @@ class Pipeline:
         if self._broken is not None or self._closed:
             self._sem.release()
             raise self._broken or InferenceError(f"pipeline {self.name!r} is closed")
+        gone = [s for s in self.plan.stages if s.node in self._dead]
+        if gone and self.supervisor is None:  # fail fast: the plan cannot serve without that node
+            self._sem.release()
+            raise PeerError(
+                f"pipeline {self.name!r} cannot serve: node {gone[0].node!r} (stage {gone[0].id}) is gone"
+            )
         rid = self._next
         self._next += 1
         fut: asyncio.Future[Tensors] = asyncio.get_running_loop().create_future()
@@ -531,7 +537,7 @@ class Pipeline:
         async def one(b: Mapping[str, np.ndarray]) -> None:
             try:
                 await queue.put(await self.submit(b))
-            except PlanError as exc:  # no plan any more: every request says why, none hangs
+            except (PlanError, PeerError) as exc:  # no plan any more: every request says why, none hangs
                 await queue.put(exc)
 
         async def feed() -> None:
@@ -648,6 +654,7 @@ class Pipeline:
         touched = [g for g in self.generations if peer in g.nodes]
         if not touched:
             return
+        self._dead.add(peer)
         if self.supervisor is None:
             for rid, gen in list(self._gen_of.items()):
                 if gen in touched:
@@ -657,7 +664,6 @@ class Pipeline:
                         PeerError(f"request {rid} failed: node {peer!r} (stage {stage}) is gone: {reason}"),
                     )
             return
-        self._dead.add(peer)
         if peer in self.gen.nodes:
             self._ready.clear()  # new requests wait for the repaired plan
             self.recoveries.append(Recovery((peer,), reason, time.perf_counter()))

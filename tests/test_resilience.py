@@ -530,3 +530,24 @@ async def _paced(reqs: list[Any], every_s: float = 0.01) -> Any:
     for r in reqs:
         yield r
         await asyncio.sleep(every_s)
+
+
+def test_fail_fast_mode_names_the_lost_node_for_new_requests_too() -> None:
+    """``recover=False``: requests in flight when a node goes fail naming it, and so does every request
+    submitted afterwards (it would otherwise be sent into a plan that cannot answer and time out)."""
+    from meshai.errors import PeerError
+    from meshai.pipeline import Pipeline
+
+    async def scenario() -> None:
+        pipe = Pipeline("m", _plan(["n0", "n1"]), _Pool())  # type: ignore[arg-type]
+        fut = await pipe.submit({"x": np.zeros(1, np.float32)})
+        await pipe.on_lost("n1", "silent for 2.0 s")
+        with pytest.raises(PeerError, match="node 'n1' \\(stage 1\\) is gone: silent"):
+            fut.result()
+        with pytest.raises(PeerError, match="cannot serve: node 'n1' \\(stage 1\\) is gone"):
+            await pipe.submit({"x": np.zeros(1, np.float32)})
+        outs = [o async for o in pipe.stream([{"x": np.zeros(1, np.float32)}] * 3)]
+        assert len(outs) == 3 and all(isinstance(o, PeerError) for o in outs)
+        await pipe.close()
+
+    asyncio.run(scenario())
