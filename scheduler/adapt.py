@@ -38,6 +38,9 @@ import numpy as np
 from meshai.capabilities import NodeCapability
 from meshai.errors import ConfigError, PlanError
 from meshai.plan import OBJECTIVES, Constraints, Plan, Predicted
+from scheduler.checks import integer as _int
+from scheduler.checks import number as _num
+from scheduler.checks import short as _ms
 from scheduler.cost import Evaluation, build_context, choose_precision, evaluate
 from scheduler.graph import GraphIR
 from scheduler.partition import plan as plan_graph
@@ -58,22 +61,6 @@ __all__ = [
 
 #: Float noise allowed when a gain is compared with ``min_gain`` (a gain of exactly 15 % passes 0.15).
 GAIN_EPS = 1e-9
-
-
-def _num(name: str, value: object, lo: float, hi: float = math.inf, *, strict_lo: bool = False) -> float:
-    """A finite number within [lo, hi] (or (lo, hi] with ``strict_lo``), else ConfigError naming it."""
-    v = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    if not (math.isfinite(v) and (v > lo if strict_lo else v >= lo) and v <= hi):
-        rel = ">" if strict_lo else ">="
-        upper = f" and <= {hi:g}" if math.isfinite(hi) else ""
-        raise ConfigError(f"{name} must be a finite number {rel} {lo:g}{upper}, got {value!r}")
-    return v
-
-
-def _int(name: str, value: object, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return value
 
 
 def infeasible(reason: str) -> Evaluation:
@@ -251,11 +238,6 @@ class Decision:
             "current": fin(self.current),
             "candidate": fin(self.candidate),
         }
-
-
-def _ms(x: float) -> str:
-    """Milliseconds as a person reads them: ``63.0``, ``4.08``, ``0.015``."""
-    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
 def _pct(x: float) -> str:

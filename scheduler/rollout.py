@@ -38,6 +38,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshai.errors import ConfigError
+from scheduler.checks import integer as _int
+from scheduler.checks import number as _num
+from scheduler.checks import short as _ms
 
 __all__ = [
     "ACTIONS",
@@ -67,33 +70,9 @@ GATES = ("p95", "error_rate", "drift")
 EPS = 1e-9
 
 
-def _num(name: str, value: object, lo: float, hi: float = math.inf, *, strict_lo: bool = False) -> float:
-    """A finite number within [lo, hi] (or (lo, hi] with ``strict_lo``), else ConfigError naming it."""
-    v = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    if not (math.isfinite(v) and (v > lo if strict_lo else v >= lo) and v <= hi):
-        rel = ">" if strict_lo else ">="
-        upper = f" and <= {hi:g}" if math.isfinite(hi) else ""
-        raise ConfigError(f"{name} must be a finite number {rel} {lo:g}{upper}, got {value!r}")
-    return v
-
-
-def _int(name: str, value: object, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{name} must be an integer >= {lo}, got {value!r}")
-    return value
-
-
 def _pct(x: float) -> str:
     """A fraction as a percentage a person reads: ``10 %``, ``2.5 %``, ``0.25 %``."""
     return f"{x * 100:.3g} %"
-
-
-def _ms(x: float) -> str:
-    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
-
-
-def _s(x: float) -> str:
-    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
 
 
 # ------------------------------------------------------------------------------------ parsing flags
@@ -490,11 +469,11 @@ def decide(
     elapsed = at - started
     waiting = list(g.waiting)
     if elapsed < config.bake_s - EPS:
-        waiting.insert(0, f"the bake time ({_s(elapsed)} s of {_s(config.bake_s)} s)")
+        waiting.insert(0, f"the bake time ({_ms(elapsed)} s of {_ms(config.bake_s)} s)")
     if waiting:
         reason = f"holding at {_pct(share)}: waiting for " + " and ".join(waiting)
         return state, Decision("hold", state.step, share, reason, at, g.table)
-    passed = f"gates passed after {_s(elapsed)} s at {_pct(share)}"
+    passed = f"gates passed after {_ms(elapsed)} s at {_pct(share)}"
     if state.step + 1 >= len(config.stages):
         d = Decision("complete", state.step, 1.0, f"{passed}: rollout complete", at, g.table)
         return _record(state, d, status="completed")
