@@ -605,14 +605,10 @@ def _network(
     if not opts.netns:
         if spec is None and partition:
             spec = linkem.parse_link("delay=0ms")  # the emulator is what holds a node's link down
-        info: dict[str, Any] | None = (
-            None
-            if spec is None
-            else {"spec": opts.link, "netns": False, "rate": "meshai", "delay": "meshai", "loss": "meshai"}
-        )
-        if info is not None and spec is not None:
-            info["emulated"] = spec.to_dict()
-        return None, spec, info
+        if spec is None:
+            return None, None, None
+        emulator = {"rate": "meshai", "delay": "meshai", "loss": "meshai", "emulated": spec.to_dict()}
+        return None, spec, {"spec": opts.link, "netns": False, **emulator}
     from meshai.netns import SimNetwork, netns_unavailable
 
     why = netns_unavailable()
