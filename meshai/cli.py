@@ -341,6 +341,10 @@ def cmd_node(args: argparse.Namespace) -> int:
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit():
         raise ConfigError(f"bad --listen {args.listen!r}: expected host:port (port 0 picks one)")
+    if args.data:  # checked now, so that a bad file stops the node with one line, not a later refusal
+        from nodes.federate import load_node_data
+
+        load_node_data(args.data)
     physical = {"cpu"} | ({"gpu"} if _has_cuda_provider() else set())
     if args.profile == "host":  # this machine as it is: cores, memory, providers, measured speed
         from meshai.capabilities import detect_host
@@ -397,6 +401,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         site=args.site,
         telemetry_interval=args.telemetry_interval,
         entry_only=args.entry_only,
+        data=args.data,
+        audit_log=args.audit_log,
     )
 
     async def serve() -> None:
@@ -705,6 +711,32 @@ def _fault_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--link", metavar="SPEC", help='shape links, e.g. "delay=20ms,jitter=5ms,rate=100mbit,loss=1%%"'
     )
+    r = p.add_argument_group("a staged rollout mid-stream (gates and bake time scale to the run)")
+    r.add_argument(
+        "--rollout-to", metavar="MODEL2", help="roll MODEL2 out as the next version of the package"
+    )
+    r.add_argument(
+        "--canary-slowdown",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="every stage of the new version takes F times its time",
+    )
+    r.add_argument(
+        "--rollout-stages",
+        default="25%,50%,100%",
+        metavar="S",
+        help="shares of traffic, e.g. 10%%,50%%,100%%",
+    )
+    r.add_argument(
+        "--rollout-at", type=int, metavar="N", help="start after N results (default: a sixth of the run)"
+    )
+    r.add_argument(
+        "--max-p95-regression",
+        default="25%",
+        metavar="P",
+        help="the p95 gate: how much slower the new version may be",
+    )
 
 
 def _faults(args: argparse.Namespace) -> tuple[Any, ...]:
@@ -759,6 +791,11 @@ def cmd_sim(args: argparse.Namespace) -> int:
         netns=args.netns,
         link=args.link,
         recover=not args.no_recover,
+        rollout_to=args.rollout_to,
+        canary_slowdown=args.canary_slowdown,
+        rollout_stages=args.rollout_stages,
+        rollout_at=args.rollout_at,
+        max_p95_regression=args.max_p95_regression,
     )
     _warn_insecure(args)
     import signal
@@ -918,6 +955,14 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         metavar="SPEC",
         help="advertise this link to planners (rate as bandwidth, delay as latency; default: the profile's)",
     )
+    nd.add_argument(
+        "--data",
+        metavar="FILE.npz",
+        help="labelled samples (x, y) for 'meshai federate': fine-tuned on here, never sent",
+    )
+    nd.add_argument(
+        "--audit-log", metavar="FILE", help="append one JSON line per message sent (kinds, shapes, sizes)"
+    )
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -1013,6 +1058,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.set_defaults(func=cmd_sim)
 
     from meshai.batch_cli import add_batch_parser
+    from meshai.federate_cli import add_federate_parser
     from meshai.quantize_cli import add_digits_parser, add_quantize_parser
     from meshai.telemetry_cli import add_telemetry_parser
 
@@ -1020,6 +1066,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     add_quantize_parser(sub)
     add_digits_parser(sub)
     add_telemetry_parser(sub)
+    add_federate_parser(sub)
     if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
         from meshai.package_cli import add_package_parsers
         from meshai.security_cli import add_ca_parser

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from meshai.errors import ConfigError
 from meshai.tensors import save_npz
 
-__all__ = ["DigitsCase", "digits_model", "train_digits"]
+__all__ = ["DigitsCase", "FederatedDigits", "digits_model", "federated_digits", "train_digits"]
 
 INPUT = "pixels"
 OUTPUT = "logits"
@@ -164,18 +164,23 @@ def _split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np
     return np.sort(train), cal, ev
 
 
-def train_digits(out_dir: str | Path, seed: int = 0, hidden: tuple[int, ...] = (256, 128)) -> DigitsCase:
-    """Train the digits MLP with ``seed`` and write ``digits.onnx``, ``calibration.npz``, ``eval.npz``
-    and ``labels.npz`` into ``out_dir`` (created if missing)."""
-    if not hidden or any(h < 1 for h in hidden):
-        raise ConfigError(f"hidden layer sizes must be positive, got {hidden}")
+def _start(out_dir: str | Path, seed: int) -> tuple[Path, np.ndarray, np.ndarray, np.random.Generator]:
+    """``out_dir`` (created), the digits and the seeded generator every case starts from."""
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create {str(out)!r}: {exc.strerror}") from None
     x, y = _load_digits()
-    rng = np.random.default_rng(seed)
+    return out, x, y, np.random.default_rng(seed)
+
+
+def train_digits(out_dir: str | Path, seed: int = 0, hidden: tuple[int, ...] = (256, 128)) -> DigitsCase:
+    """Train the digits MLP with ``seed`` and write ``digits.onnx``, ``calibration.npz``, ``eval.npz``
+    and ``labels.npz`` into ``out_dir`` (created if missing)."""
+    if not hidden or any(h < 1 for h in hidden):
+        raise ConfigError(f"hidden layer sizes must be positive, got {hidden}")
+    out, x, y, rng = _start(out_dir, seed)
     train, cal, ev = _split(len(x), rng)
     params = _train(x[train], y[train], rng, tuple(hidden))
     model = digits_model(params)
@@ -197,4 +202,88 @@ def train_digits(out_dir: str | Path, seed: int = 0, hidden: tuple[int, ...] = (
     save_npz(case.calibration, {INPUT: x[cal][:, None, :]})
     save_npz(case.eval, {INPUT: x[ev][:, None, :]})
     save_npz(case.labels, {"labels": y[ev]})
+    return case
+
+
+# ------------------------------------------------------------------ non-IID data for federated learning
+
+#: Share of the images held out as the global test set of ``federated_digits``.
+HOLDOUT_FRACTION = 0.2
+#: Images per class the base model trains on, and per *rare* class (the last class of each node's group).
+BASE_PER_CLASS, BASE_PER_RARE_CLASS = 20, 3
+#: Probability that a node's image is of one of its own classes (the rest are spread over the others).
+OWN_CLASS_SHARE = 0.85
+
+
+@dataclass(frozen=True)
+class FederatedDigits:
+    """Files of the federated digits case: a base model, one ``.npz`` (``x``, ``y``) per node and the
+    global held-out set, with the base model's held-out accuracy (%) and each node's class counts."""
+
+    model: Path
+    nodes: tuple[Path, ...]
+    holdout: Path
+    base_accuracy: float
+    base_samples: int
+    node_classes: tuple[tuple[int, ...], ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": str(self.model),
+            "nodes": [
+                {"data": str(p), "samples": sum(c), "class_counts": list(c)}
+                for p, c in zip(self.nodes, self.node_classes, strict=True)
+            ],
+            "holdout": str(self.holdout),
+            "base_accuracy": self.base_accuracy,
+            "base_samples": self.base_samples,
+        }
+
+
+def federated_digits(out_dir: str | Path, nodes: int, seed: int = 0) -> FederatedDigits:
+    """Write a personalisation case with label-skewed (non-IID) data per node into ``out_dir``.
+
+    The classes are dealt out to ``nodes`` groups; node i holds mostly its group's classes
+    (``OWN_CLASS_SHARE``).  ``digits.onnx`` is a *base* model trained on a small, skewed subset —
+    ``BASE_PER_CLASS`` images per class but only ``BASE_PER_RARE_CLASS`` of the last class of each
+    group — so that every node has classes the base head handles badly.  ``node{i}.npz`` holds the
+    node's ``x`` (float32 [N, 64]) and ``y`` (int64 [N]); ``holdout.npz`` the global held-out set.
+    The base images, the held-out images and the nodes' images are disjoint."""
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or not 1 <= nodes <= 10:
+        raise ConfigError(f"--federated needs 1 to 10 nodes (one class group each), got {nodes!r}")
+    out, x, y, rng = _start(out_dir, seed)
+    order = rng.permutation(len(x))
+    n_hold = round(len(x) * HOLDOUT_FRACTION)
+    hold, rest = np.sort(order[:n_hold]), order[n_hold:]
+    groups = np.array_split(np.arange(10), nodes)
+    rare = {int(g[-1]) for g in groups}
+    base = np.concatenate(
+        [rest[y[rest] == c][: BASE_PER_RARE_CLASS if c in rare else BASE_PER_CLASS] for c in range(10)]
+    )
+    pool = rng.permutation(np.setdiff1d(rest, base))
+    owner = {int(c): i for i, g in enumerate(groups) for c in g}
+    parts: list[list[int]] = [[] for _ in range(nodes)]
+    for j in pool:
+        i = owner[int(y[j])]
+        if nodes > 1 and rng.random() >= OWN_CLASS_SHARE:
+            i = int(rng.choice([k for k in range(nodes) if k != i]))
+        parts[i].append(int(j))
+    params = _train(x[base], y[base], rng, (256, 128), epochs=15)
+    logits = _forward([(w.astype(np.float32), b.astype(np.float32)) for w, b in params], x[hold])[-1]
+    case = FederatedDigits(
+        model=out / "digits.onnx",
+        nodes=tuple(out / f"node{i}.npz" for i in range(nodes)),
+        holdout=out / "holdout.npz",
+        base_accuracy=round(float(np.mean(np.argmax(logits, axis=1) == y[hold]) * 100.0), 4),
+        base_samples=len(base),
+        node_classes=tuple(tuple(int(c) for c in np.bincount(y[p], minlength=10)) for p in parts),
+    )
+    try:
+        onnx.save(digits_model(params), str(case.model))
+    except OSError as exc:
+        raise ConfigError(f"cannot write {str(case.model)!r}: {exc.strerror}") from None
+    for path, p in zip(case.nodes, parts, strict=True):
+        idx = np.sort(np.array(p, dtype=np.int64))
+        save_npz(path, {"x": x[idx], "y": y[idx]})
+    save_npz(case.holdout, {"x": x[hold], "y": y[hold]})
     return case

@@ -20,6 +20,7 @@ A request never waits forever (``request_timeout``).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import secrets
@@ -30,10 +31,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from meshai.errors import DeploymentError, InferenceError, MeshaiError, PeerError, PlanError
+from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError, PlanError
 from meshai.peers import PeerPool
 from meshai.plan import Plan
 from meshai.protocol import Deploy, Deployed, Error, Infer, Message, Result, Undeploy, Upload, Uploaded
+from meshai.split import split
 from meshai.transport import Channel
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ class PipelineStats:
     stale: int = 0  # results and errors from superseded generations (or repeats), dropped
     replans: int = 0  # generations switched to after the first (recoveries and live replans)
     duplicated: int = 0  # results delivered twice for one request: must stay 0
+    mixed_versions: int = 0  # results whose stages ran different model versions: must stay 0
 
     def latency_ms(self) -> dict[str, float]:
         """End-to-end latency percentiles of the requests that succeeded."""
@@ -98,6 +101,9 @@ class Generation:
     pace_ms: dict[int, float] | None = None  # per stage: the time a paced node emulates (default predicted)
     deployed_at: float | None = None
     first_result_at: float | None = None
+    version: str = ""  # the model version every stage of this generation runs
+    activate: bool = True  # whether its nodes make its package the active one (a canary's do not)
+    stretch: float = 1.0  # every stage takes this many times its time (a simulated slow version)
 
     @classmethod
     def of(cls, number: int, plan: Plan, deployment: str) -> Generation:
@@ -108,6 +114,35 @@ class Generation:
             if mine:
                 routes[s.node] = mine
         return cls(number, plan, deployment, routes, tuple(s.node for s in plan.stages))
+
+
+@dataclass(frozen=True, slots=True)
+class VersionWindow:
+    """One model version's outcomes since some time: requests finished (ok or failed), failures, the
+    latencies of those that succeeded, and — for requests that came with a label — how many were
+    labelled and how many the model got right (argmax of the first output)."""
+
+    version: str
+    requests: int
+    errors: int
+    latencies_s: tuple[float, ...]
+    labelled: int
+    correct: int
+    predicted: tuple[int, ...] = ()  # the predicted class (argmax of the first output) of each success
+
+    def p95_ms(self) -> float | None:
+        """p95 latency in milliseconds (None without a successful request)."""
+        return percentiles_ms(self.latencies_s)["p95"] if self.latencies_s else None
+
+
+#: One finished request: when, its latency in s (None: it failed), right or wrong (None: no label), the
+#: predicted class (argmax of the first output; -1 when failed).
+_Outcome = tuple[float, float | None, bool | None, int]
+#: Outcomes kept per version (time finished, latency in s or None for a failure, right/wrong/unlabelled).
+OUTCOMES_KEPT = 100_000
+#: Requests whose stage versions are kept for inspection (``version_trace``).
+TRACE_KEPT = 20_000
+SPLIT_BY = ("request", "robot")
 
 
 @dataclass
@@ -187,6 +222,20 @@ class Pipeline:
 
                 with contextlib.suppress(MeshaiError):
                     self._saved_per_request = bandwidth_saved_bytes(plan, tensor_bytes)
+        self.variant: Generation | None = None  # a second version served beside the current one
+        self.share = 0.0  # the variant's share of new requests
+        self.split_by = "request"  # what the share is drawn on: each request, or each robot (key)
+        self.split_salt = name
+        self.previous: Generation | None = None  # the version before the last promotion, kept loaded
+        self.variant_lost = ""  # why the variant was dropped by a recovery ("" while it serves)
+        self.outcomes: dict[str, collections.deque[_Outcome]] = {}
+        # (request, the version its generation runs, the version each stage said it ran, whether every
+        # stage of that generation's plan said so)
+        self.version_trace: collections.deque[tuple[int, str, dict[str, str], bool]] = collections.deque(
+            maxlen=TRACE_KEPT
+        )
+        self._stamps: dict[int, dict[str, str]] = {}
+        self._labels: dict[int, int] = {}
         self._sem = asyncio.Semaphore(window)
         self._next = 1
         self._futures: dict[int, asyncio.Future[Tensors]] = {}
@@ -199,7 +248,7 @@ class Pipeline:
         self._closed = False
         self._generations = 0
         self._all_gens: dict[int, Generation] = {}
-        self.gen = self._new_generation(plan, stage_id)
+        self.gen = self._new_generation(plan, stage_id, version)
         self.generations: list[Generation] = [self.gen]  # every generation still deployed
         self.recoveries: list[Recovery] = []
         self._dead: set[str] = set()  # nodes declared lost and not seen since
@@ -232,9 +281,10 @@ class Pipeline:
         """Node -> the graph inputs it reads, in the current plan."""
         return self.gen.input_routes
 
-    def _new_generation(self, plan: Plan, deployment: str | None = None) -> Generation:
+    def _new_generation(self, plan: Plan, deployment: str | None = None, version: str = "") -> Generation:
         self._generations += 1
         gen = Generation.of(self._generations, plan, deployment or stage_deployment_id(self.name))
+        gen.version = version
         self.registry[gen.deployment] = self
         self._all_gens[gen.number] = gen
         return gen
@@ -318,8 +368,12 @@ class Pipeline:
                     "wire_int8": list((wire_int8 or {}).get(s.id, ())),
                     "to_entry": [t for t in s.outputs if t in plan.outputs],
                     "name": self.name,
+                    "version": gen.version,
+                    "activate": gen.activate,
                 }
             )
+            if gen.stretch != 1.0:
+                opts["stretch"] = gen.stretch
             if before is not None and (s.node, s.inputs, s.outputs, s.precision) in old:
                 opts["reuse"] = before.deployment
             out.append(
@@ -437,7 +491,7 @@ class Pipeline:
             raise DeploymentError(f"pipeline {self.name!r} has no way to deploy a new plan")
         async with self._switch_lock:
             old = self.gen
-            gen = self._new_generation(plan)
+            gen = self._new_generation(plan, version=old.version)
             gen.reuse = old.deployment
             try:
                 await deployer(self, gen)
@@ -462,11 +516,136 @@ class Pipeline:
         await self._undeploy(old)
         self._retire(old)
 
+    # ----- versions: a variant beside the current generation (rollouts, A/B tests)
+
+    def new_generation(self, plan: Plan, version: str) -> Generation:
+        """A generation that will run ``version`` of the model on ``plan`` — not deployed yet: deploy it
+        (``deploy(..., gen=…)`` or a supervisor's deployer), then ``start_variant`` it."""
+        return self._new_generation(plan, version=version)
+
+    def start_variant(self, gen: Generation, share: float, by: str = "request", salt: str = "") -> None:
+        """Serve the deployed generation ``gen`` beside the current one: ``share`` of new requests go to
+        it, drawn per request or per robot (the request's key).  A request always runs wholly on one
+        generation, so on one version."""
+        if self.variant is not None:
+            raise DeploymentError(
+                f"pipeline {self.name!r} already serves version {self.variant.version!r} beside "
+                f"{self.gen.version!r}; end that first"
+            )
+        if by not in SPLIT_BY:
+            raise ConfigError(f"split by must be one of {', '.join(SPLIT_BY)}, got {by!r}")
+        for what, mine, theirs in (
+            ("inputs", self.plan.inputs, gen.plan.inputs),
+            ("outputs", self.plan.outputs, gen.plan.outputs),
+        ):
+            if sorted(mine) != sorted(theirs):
+                raise DeploymentError(
+                    f"version {gen.version!r} has {what} {', '.join(theirs)} but the deployment's "
+                    f"version {self.gen.version!r} has {', '.join(mine)}: requests could not go to both"
+                )
+        self.variant = gen
+        self.variant_lost = ""
+        self.generations.append(gen)
+        self.split_by = by
+        self.split_salt = salt or self.name
+        self.set_share(share)
+
+    def set_share(self, share: float) -> None:
+        """The variant's share of new requests, in [0, 1]."""
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:
+            raise ConfigError(f"variant share must be in [0, 1], got {share!r}")
+        self.share = float(share)
+
+    def promote_variant(self, keep_previous: bool = True) -> Generation:
+        """The variant becomes the version every new request runs on.  The version it replaces stays
+        loaded (``previous``) so that going back is a switch, not a download; the one kept before that
+        is released once idle."""
+        gen = self.variant
+        if gen is None:
+            raise DeploymentError(f"pipeline {self.name!r} has no variant to promote")
+        old = self.gen
+        self.variant, self.share = None, 0.0
+        self._set_current(gen)
+        if self.previous is not None:
+            self._release_when_idle(self.previous)
+        self.previous = old if keep_previous else None
+        if not keep_previous:
+            self._release_when_idle(old)
+        return gen
+
+    def end_variant(self) -> Generation | None:
+        """New requests all go to the current version again; the variant finishes what it holds (nothing
+        is dropped) and is then released."""
+        gen, self.variant, self.share = self.variant, None, 0.0
+        if gen is not None:
+            self._release_when_idle(gen)
+        return gen
+
+    def restore_previous(self) -> Generation:
+        """Go back to the version kept loaded by the last promotion (a switch: no deploy, no download);
+        the version serving until now finishes what it holds and is released."""
+        prev = self.previous
+        if prev is None:
+            raise DeploymentError(f"pipeline {self.name!r} keeps no previous version to go back to")
+        gone = [n for n in prev.nodes if n in self._dead]
+        if gone:
+            raise DeploymentError(f"the previous version's node {gone[0]!r} is gone")
+        old = self.gen
+        self.previous = None
+        self._set_current(prev)
+        self._release_when_idle(old)
+        return prev
+
+    def _set_current(self, gen: Generation) -> None:
+        self.gen = gen
+        self.version = gen.version
+        if gen not in self.generations:
+            self.generations.append(gen)
+        if self.metrics is not None:
+            self.metrics.declare_model(self.name, gen.version)
+
+    def _release_when_idle(self, gen: Generation) -> None:
+        self._spawn(self._drain(gen, self.request_timeout), f"meshai-drain {gen.deployment}")
+
+    def _choose(self, rid: int, key: str) -> Generation:
+        """The generation a new request runs on: the variant for its share, the current one otherwise."""
+        v = self.variant
+        if v is None or self.share <= 0.0 or any(n in self._dead for n in v.nodes):
+            return self.gen
+        draw = key if self.split_by == "robot" and key else str(rid)
+        return v if split(draw, self.share, self.split_salt) else self.gen
+
+    def _outcome(
+        self, version: str, latency_s: float | None, correct: bool | None, predicted: int = -1
+    ) -> None:
+        log = self.outcomes.get(version)
+        if log is None:
+            log = self.outcomes[version] = collections.deque(maxlen=OUTCOMES_KEPT)
+        log.append((time.perf_counter(), latency_s, correct, predicted))
+
+    def version_window(self, version: str, since: float = 0.0) -> VersionWindow:
+        """``version``'s outcomes finished at or after ``since`` (a ``time.perf_counter()`` value)."""
+        rows = [r for r in self.outcomes.get(version, ()) if r[0] >= since]
+        lat = tuple(r[1] for r in rows if r[1] is not None)
+        marked = [r[2] for r in rows if r[2] is not None]
+        return VersionWindow(
+            version,
+            len(rows),
+            len(rows) - len(lat),
+            lat,
+            len(marked),
+            sum(1 for c in marked if c),
+            tuple(r[3] for r in rows if r[1] is not None),
+        )
+
     # ----- requests
 
-    async def submit(self, inputs: Mapping[str, np.ndarray]) -> asyncio.Future[Tensors]:
+    async def submit(
+        self, inputs: Mapping[str, np.ndarray], *, key: str = "", label: int | None = None
+    ) -> asyncio.Future[Tensors]:
         """Send one request (waits while ``window`` are in flight, or while the plan is being repaired);
-        returns the future of its outputs."""
+        returns the future of its outputs.  ``key`` names who sent it (a robot: what an A/B split by
+        robot draws on); ``label``, when known, is the class it should get (accuracy per version)."""
         missing = [t for t in self.plan.inputs if t not in inputs]
         if missing:
             raise InferenceError(
@@ -492,16 +671,19 @@ class Pipeline:
         self._futures[rid] = fut
         self._partial[rid] = {}
         self._kept[rid] = {t: np.asarray(inputs[t]) for t in self.plan.inputs}
+        if label is not None:
+            self._labels[rid] = int(label)
         now = time.perf_counter()
         self._started[rid] = now
         if self.stats.first_sent is None:
             self.stats.first_sent = now
-        await self._send(rid, self.gen)
+        await self._send(rid, self._choose(rid, key))
         return fut
 
     async def _send(self, rid: int, gen: Generation) -> None:
         """Send request ``rid``'s kept inputs to ``gen``'s input stages."""
         self._gen_of[rid] = gen
+        self._stamps[rid] = {}
         kept = self._kept[rid]
         try:
             for node, names in gen.input_routes.items():
@@ -513,9 +695,11 @@ class Pipeline:
                 self._fail(rid, PeerError(f"request {rid}: {exc}"))
             # supervised: the node's loss is (or is about to be) handled, and the request replayed
 
-    async def infer(self, inputs: Mapping[str, np.ndarray]) -> Tensors:
-        """Run one request and return its outputs."""
-        fut = await self.submit(inputs)
+    async def infer(
+        self, inputs: Mapping[str, np.ndarray], *, key: str = "", label: int | None = None
+    ) -> Tensors:
+        """Run one request and return its outputs (``key``, ``label``: see ``submit``)."""
+        fut = await self.submit(inputs, key=key, label=label)
         return await self._await(fut)
 
     async def _await(self, fut: asyncio.Future[Tensors]) -> Tensors:
@@ -585,6 +769,11 @@ class Pipeline:
                 return
             part = self._partial[msg.request_id]
             part.update(msg.tensors)
+            stamped = msg.meta.get("versions")
+            if isinstance(stamped, Mapping):
+                self._stamps.setdefault(msg.request_id, {}).update(
+                    {str(k): str(v) for k, v in stamped.items()}
+                )
             if all(t in part for t in self.plan_of(msg.request_id).outputs):
                 self._complete(msg.request_id, part)
         elif isinstance(msg, Error):
@@ -617,9 +806,15 @@ class Pipeline:
         self._partial.pop(rid, None)
         started = self._started.pop(rid, None)
         kept = self._kept.pop(rid, None)
+        stamps = self._stamps.pop(rid, {})
+        label = self._labels.pop(rid, None)
         if fut is None or fut.done():
             self.stats.duplicated += 1
             return
+        every_stage = set(stamps) == {str(st.id) for st in gen.plan.stages}
+        self.version_trace.append((rid, gen.version, stamps, every_stage))
+        if any(v != gen.version for v in stamps.values()):
+            self.stats.mixed_versions += 1
         now = time.perf_counter()
         if gen.first_result_at is None:
             gen.first_result_at = now
@@ -632,6 +827,10 @@ class Pipeline:
         self.stats.last_result = now
         self.stats.ok += 1
         outs = {t: part[t] for t in gen.plan.outputs}
+        first = np.asarray(outs[gen.plan.outputs[0]]) if gen.plan.outputs else np.zeros(0)
+        predicted = int(np.argmax(first.reshape(-1))) if first.size else -1
+        correct = None if label is None else predicted == label
+        self._outcome(gen.version, None if started is None else now - started, correct, predicted)
         if self.drift is not None and kept is not None:
             with contextlib.suppress(MeshaiError):
                 self.drift.observe(kept, outs)
@@ -688,6 +887,12 @@ class Pipeline:
                 if gen is not self.gen and self._dead & set(gen.nodes):
                     await self._replay(rid)
             for gen in [g for g in self.generations if g is not self.gen and self._dead & set(g.nodes)]:
+                if gen is self.variant:  # its requests were replayed on the current version
+                    lost = sorted(self._dead & set(gen.nodes))
+                    self.variant_lost = f"node {lost[0]!r} of version {gen.version!r} was lost"
+                    self.variant, self.share = None, 0.0
+                if gen is self.previous:
+                    self.previous = None
                 if not any(g is gen for g in self._gen_of.values()):
                     self._spawn(self._undeploy(gen), f"meshai-release {gen.deployment}")
                     self._retire(gen)
@@ -704,7 +909,7 @@ class Pipeline:
             gen: Generation | None = None
             try:
                 plan = await self.supervisor.plan_without(old.plan, lost)
-                gen = self._new_generation(plan)
+                gen = self._new_generation(plan, version=old.version)
                 gen.reuse = old.deployment
                 await self.supervisor.deploy(self, gen)
             except MeshaiError as exc:
@@ -754,12 +959,15 @@ class Pipeline:
 
     def _fail(self, rid: int, exc: BaseException) -> None:
         self._kept.pop(rid, None)
-        self._gen_of.pop(rid, None)
+        self._stamps.pop(rid, None)
+        self._labels.pop(rid, None)
+        gen = self._gen_of.pop(rid, None)
         fut = self._futures.pop(rid, None)
         self._partial.pop(rid, None)
         self._started.pop(rid, None)
         if fut is not None and not fut.done():
             self.stats.errors += 1
+            self._outcome(gen.version if gen is not None else self.gen.version, None, None)
             if self.metrics is not None:
                 self.metrics.observe_inference(self.name, self.version, 0.0, ok=False)
             fut.set_exception(exc)

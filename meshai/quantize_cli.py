@@ -166,6 +166,8 @@ def cmd_digits(args: argparse.Namespace) -> int:
     """``meshai digits OUT_DIR``: train the digits MLP and write its model and data files."""
     from meshai.digits import train_digits
 
+    if args.federated is not None:
+        return _federated_digits(args)
     case = train_digits(args.out_dir, seed=args.seed)
     if args.json:
         sys.stdout.write(json.dumps(case.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -178,6 +180,26 @@ def cmd_digits(args: argparse.Namespace) -> int:
         ("fp32 accuracy", f"{case.fp32_accuracy:.2f} %"),
     ]
     print(format_table(("digits", ""), rows))
+    return 0
+
+
+def _federated_digits(args: argparse.Namespace) -> int:
+    """``meshai digits OUT_DIR --federated N``: a base model and non-IID per-node data."""
+    from meshai.digits import federated_digits
+
+    fed = federated_digits(args.out_dir, args.federated, seed=args.seed)
+    if args.json:
+        sys.stdout.write(json.dumps(fed.to_dict(), indent=2, sort_keys=True) + "\n")
+        return 0
+    rows = [
+        (f"node {i}", str(p), sum(c), " ".join(f"{k}:{n}" for k, n in enumerate(c)))
+        for i, (p, c) in enumerate(zip(fed.nodes, fed.node_classes, strict=True))
+    ]
+    print(format_table(("", "data (x, y)", "samples", "images per class"), rows))
+    print(
+        f"base model {fed.model}: {fed.base_accuracy:.2f} % on the held-out {fed.holdout} "
+        f"(trained on {fed.base_samples} skewed images)"
+    )
     return 0
 
 
@@ -212,6 +234,12 @@ def add_digits_parser(subparsers: argparse._SubParsersAction[P]) -> P:
     p = subparsers.add_parser("digits", help="train the digits MLP and write its model, data and labels")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder for digits.onnx and the .npz files")
     p.add_argument("--seed", type=int, default=0, help="training and split seed (default 0)")
+    p.add_argument(
+        "--federated",
+        type=_positive,
+        metavar="N",
+        help="instead: a base model and label-skewed data for N nodes (node0.npz …, holdout.npz)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_digits)
     return p

@@ -82,6 +82,12 @@ class SimOptions:
     netns: bool = False
     link: str | None = None
     recover: bool = True
+    # a staged rollout of another model as the package's next version, started mid-stream
+    rollout_to: str | None = None
+    canary_slowdown: float = 1.0
+    rollout_stages: str = "25%,50%,100%"
+    rollout_at: int | None = None
+    max_p95_regression: str = "25%"
 
     def __post_init__(self) -> None:
         if self.netns and self.offload:
@@ -106,6 +112,18 @@ class SimOptions:
             raise ConfigError(f"--offload-threshold must be >= 1, got {self.offload_threshold}")
         if self.rate is not None and not (self.rate > 0 and self.rate < float("inf")):
             raise ConfigError(f"--rate must be a positive number of requests per second, got {self.rate}")
+        if not (0.01 <= self.canary_slowdown <= 1000):
+            raise ConfigError(f"--canary-slowdown must be in [0.01, 1000], got {self.canary_slowdown}")
+        if self.rollout_to is None:
+            if self.canary_slowdown != 1.0 or self.rollout_at is not None:
+                raise ConfigError("--canary-slowdown and --rollout-at apply only with --rollout-to MODEL2")
+            return
+        if self.insecure:
+            raise ConfigError("--rollout-to ships the new version as a signed package: drop --insecure")
+        if self.offload or self.calibration:
+            raise ConfigError("--rollout-to cannot be combined with --offload or --calibration")
+        if self.rollout_at is not None and not 0 <= self.rollout_at < self.requests:
+            raise ConfigError(f"--rollout-at must be in [0, {self.requests}), got {self.rollout_at}")
 
 
 def _profile_names(opts: SimOptions) -> list[str]:
@@ -441,6 +459,12 @@ async def _run_sim(
             extra_files[CALIBRATION_FILE] = loaded.calibration.to_bytes()
         package = sec.package(resolve_model(opts.model), loaded.name, extra=extra_files)
         extra = sec.node_args()
+    next_version: tuple[Any, tuple[bytes, str]] | None = None
+    if opts.rollout_to and package is not None:
+        from meshai.planning import load_for_planning
+
+        loaded2 = load_for_planning(opts.rollout_to, batch=opts.batch)
+        next_version = (loaded2, sec.package(resolve_model(opts.rollout_to), loaded.name, version="2"))
     with contextlib.ExitStack() as stack:
         network, link, link_info = _network(opts, names, stack)
         if link is not None:
@@ -508,6 +532,20 @@ async def _run_sim(
                 Chaos(faults, procs, mesh, network) as chaos,
             ):
                 deploy_s = time.perf_counter() - deploy_t0
+                rollout = None
+                if next_version is not None and package is not None:
+                    from meshai.sim_rollout import SimRollout
+
+                    rollout = SimRollout(
+                        mesh,
+                        pipe,
+                        (loaded, package),
+                        next_version,
+                        at=opts.rollout_at if opts.rollout_at is not None else max(1, opts.requests // 6),
+                        stages=opts.rollout_stages,
+                        max_p95_regression=opts.max_p95_regression,
+                        slowdown=opts.canary_slowdown,
+                    )
                 # thresholds hold for a 500-request window against a reference of ~500 or more: a shorter run
                 # reports drift as warming up rather than alarm on noise
                 pipe.enable_drift(_reference(opts, loaded), warmup=DRIFT_WARMUP, window=DRIFT_WINDOW)
@@ -524,7 +562,13 @@ async def _run_sim(
                             results.append(out)
                             bar.advance()
                             await chaos.due(len(results), pipe)
+                            if rollout is not None:
+                                await rollout.due(len(results))
                         latency_ms, throughput_rps = pipe.stats.latency_ms(), pipe.stats.throughput_rps()
+                        if rollout is not None:
+                            await rollout.close()
+                # request i is the pipeline's request i + 1: the version its generation ran
+                versions_of = {t[0] - 1: t[1] for t in pipe.version_trace}
                 pipe._export_drift()
                 drift = pipe.drift.scores() if pipe.drift is not None else {}
                 drifted = pipe.drift.drifted() if pipe.drift is not None else []
@@ -532,12 +576,20 @@ async def _run_sim(
                 node_bytes = await _node_bytes(mesh, names)
                 failed = sum(isinstance(r, BaseException) for r in results)
                 resilience = _resilience(pipe, chaos, failed + len(requests) - len(results))
+                rollout_report = (
+                    rollout.report(resilience["lost"], versions_of) if rollout is not None else None
+                )
                 if opts.prom_file:
                     await _write_prom_file(mesh, names, opts.prom_file)
                 if opts.report:
                     await _write_report(mesh, names, pipe, opts, loaded.name)
     # reference: the whole model in this process, after the timed run
     ref = StageSession(loaded.model, name=f"whole {loaded.name}")
+    refs = {package[1].rpartition("@")[2] if package else "": ref}
+    if next_version is not None:
+        refs[next_version[1][1].rpartition("@")[2]] = StageSession(
+            next_version[0].model, name=f"whole {next_version[1][1]}"
+        )
     worst = 0.0
     errors = 0
     first_error = ""
@@ -548,7 +600,7 @@ async def _run_sim(
             errors += 1
             first_error = first_error or str(res)
             continue
-        fp32[i] = ref.run(req)
+        fp32[i] = refs.get(versions_of.get(i, ""), ref).run(req)
         worst = max(worst, max_abs_diff(res, fp32[i]))
         ok_outputs.append(res)
     if opts.outputs and ok_outputs:
@@ -583,6 +635,8 @@ async def _run_sim(
         **resilience,
         "link": link_info,
     }
+    if rollout_report is not None:
+        report["rollout"] = rollout_report
     if quant is not None:
         report["precision"] = _precision_report(loaded, plan, quant, requests, results, fp32)
     if first_error:

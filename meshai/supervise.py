@@ -162,6 +162,15 @@ class MeshSupervisor:
         await self.mesh._deploy_generation(pipe, gen, self.model, self.package, self.has_package)
         self._prepare_standby(gen.plan)
 
+    def use_version(
+        self, pipe: Pipeline, model: LoadedModel, package: tuple[bytes, str] | None, has_package: set[str]
+    ) -> None:
+        """Another version of the model now serves ``pipe`` (a rollout completed or was reverted): replan
+        and redeploy with it from now on (its quantization, if any, is not carried over)."""
+        self.model, self.package, self.has_package = model, package, has_package
+        self.quantization = None
+        self._prepare_standby(pipe.plan)
+
     # ----- watching
 
     def start(self, pipe: Pipeline) -> None:

@@ -95,6 +95,9 @@ MIN_FRAME_RATE = 1024 * 1024
 ``read_timeout + frame size / MIN_FRAME_RATE`` seconds (a slowloris defence)."""
 
 Clock = Callable[[], float]
+Audit = Callable[["Channel", Message], None]
+"""Called with each message a channel sends, once it is encoded and before it is written (``meshai node
+--audit-log``)."""
 
 
 class ChannelOptions(TypedDict, total=False):
@@ -106,6 +109,7 @@ class ChannelOptions(TypedDict, total=False):
     max_queue: int
     max_queue_bytes: int
     clock: Clock
+    audit: Audit | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +120,7 @@ class _Options:
     max_queue: int = 128
     max_queue_bytes: int = 16 * _MiB
     clock: Clock = time.monotonic
+    audit: Audit | None = None
 
     def __post_init__(self) -> None:
         for name in ("heartbeat_interval", "dead_after", "read_timeout"):
@@ -339,7 +344,14 @@ class Channel:
         if self.closed.is_set() or transport is None or transport.is_closing():
             why = self.close_reason or f"{self.name} is not connected"
             raise PeerError(f"cannot send {type(msg).__name__}: {why}")
-        self._emit(transport, self._conn.send(msg))
+        self._emit(transport, self._encode(msg))
+
+    def _encode(self, msg: Message) -> list[bytes | memoryview]:
+        """The frame pieces of ``msg``; the audit hook (if any) sees every message that gets this far."""
+        pieces = self._conn.send(msg)
+        if self._opts.audit is not None:
+            self._opts.audit(self, msg)
+        return pieces
 
     def _emit(self, transport: asyncio.Transport, pieces: list[bytes | memoryview]) -> None:
         size = sum(len(p) for p in pieces)
@@ -387,7 +399,7 @@ class Channel:
                 final.append(Goodbye(goodbye))
             for msg in final:
                 with contextlib.suppress(LocalProtocolError):
-                    self._emit(transport, self._conn.send(msg))
+                    self._emit(transport, self._encode(msg))
             if self._held:
                 self._close_when_flushed = True  # the link emulator still holds frames: close after them
             else:
@@ -491,7 +503,7 @@ class Channel:
         # Bytes already waiting to go out prove we are alive just as well.
         if self._conn.state is State.READY and transport.get_write_buffer_size() == 0 and not self._held:
             self._heartbeat_seq += 1
-            self._emit(transport, self._conn.send(Heartbeat(self._heartbeat_seq, self._opts.clock())))
+            self._emit(transport, self._encode(Heartbeat(self._heartbeat_seq, self._opts.clock())))
 
     def _check(self) -> None:
         if self.closed.is_set():

@@ -51,7 +51,7 @@ from meshai.protocol import (
     Upload,
     Uploaded,
 )
-from meshai.transport import Channel, Server
+from meshai.transport import Channel, ChannelOptions, Server
 
 if TYPE_CHECKING:
     from meshai.security import Trust
@@ -92,6 +92,8 @@ class NodeConfig:
     site: str = "default"
     telemetry_interval: float = 5.0
     entry_only: bool = False  # host deployments' entries, never run a stage (a site's scheduler service)
+    data: str | None = None  # labelled samples (npz x, y) to fine-tune the head on; they never leave the node
+    audit_log: str | None = None  # one JSON line per message sent (kinds, shapes, sizes; never values)
 
 
 @dataclass
@@ -110,13 +112,34 @@ class _Stage:
     entry: str
     pace_s: float
     executor: ThreadPoolExecutor
+    version: str = ""  # the package version this stage runs, stamped on every request it forwards
+    stretch: float = 1.0  # the stage takes this many times its time (a simulated slower version)
     queue: asyncio.Queue[int] = field(default_factory=asyncio.Queue)
     pending: dict[int, dict[str, np.ndarray]] = field(default_factory=dict)
     arrived: dict[int, float] = field(default_factory=dict)
     ready: dict[int, float] = field(default_factory=dict)  # when all inputs were in (queue time)
+    stamps: dict[int, dict[str, str]] = field(default_factory=dict)  # versions of the stages upstream
     worker: asyncio.Task[None] | None = None
     served: int = 0
     busy_s: float = 0.0
+
+
+def _package_of(pipe: Pipeline) -> str:
+    """The package ref a hosted deployment serves now ("" for one deployed from raw stage models)."""
+    ref = str(getattr(pipe.supervisor, "package", ""))
+    return f"{ref.rpartition('@')[0]}@{pipe.version}" if ref and pipe.version else ref
+
+
+def _stretch(value: Any) -> float:
+    """The ``stretch`` Deploy option, clamped to [1, 1000] (anything else counts as 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        return 1.0
+    return float(min(1000.0, max(1.0, value)))
+
+
+def _stage_version(msg: Deploy) -> str:
+    """The model version a Deploy loads: its package's, or the ``version`` option for raw models."""
+    return msg.package.rpartition("@")[2] if msg.package else str(msg.options.get("version", ""))
 
 
 class _NodePool(PeerPool):
@@ -129,7 +152,12 @@ class _NodePool(PeerPool):
 
     def __init__(self, agent: NodeAgent) -> None:
         super().__init__(
-            agent._hello, agent._on_message, agent._on_control, agent._on_lost, trust=agent.trust
+            agent._hello,
+            agent._on_message,
+            agent._on_control,
+            agent._on_lost,
+            trust=agent.trust,
+            options=agent._channel_options,
         )
         self._agent = agent
 
@@ -150,6 +178,8 @@ class NodeAgent:
         self._stages: dict[str, _Stage] = {}
         self._entries: dict[str, Pipeline] = {}  # long-lived deployments hosted here, by public name
         self._entry_by_stage: dict[str, Pipeline] = {}
+        self.rollouts: dict[str, Any] = {}  # deployment -> its RolloutRunner (nodes/versions.py)
+        self.abtests: dict[str, Any] = {}  # deployment -> its ABTest
         self._tasks: set[asyncio.Task[Any]] = set()
         self._server: Server | None = None
         self._discovery: Discovery | None = None
@@ -170,6 +200,12 @@ class NodeAgent:
         self._store_tmp: str | None = None
         # ref -> (normalized model, GraphIR, calibration JSON or None)
         self._package_graphs: dict[str, tuple[Any, Any, bytes | None]] = {}
+        self._channel_options: ChannelOptions = {}
+        self._audit: Any = None
+        if config.audit_log:  # every message this node puts on the wire, recorded by the transport
+            from nodes.audit import AuditLog
+
+            self._audit = self._channel_options["audit"] = AuditLog(config.audit_log)
         self.pool: PeerPool = _NodePool(self)
         self._stop = asyncio.Event()
         self.started_at = time.time()
@@ -213,6 +249,7 @@ class NodeAgent:
             self.pool.serve,
             ssl=self.trust.server_ctx if self.trust is not None else None,
             verify=self._verify_incoming,
+            **self._channel_options,
         )
         await self._server.__aenter__()
         try:
@@ -275,7 +312,10 @@ class NodeAgent:
         self._stop.set()
 
     async def close(self) -> None:
-        """Release everything: entries, stages, channels, mDNS, the listener."""
+        """Release everything: rollouts, entries, stages, channels, mDNS, the listener."""
+        for runner in list(self.rollouts.values()):
+            await runner.stop()
+        self.rollouts.clear()
         for entry in list(self._entries.values()):
             with contextlib.suppress(MeshaiError):
                 await entry.close()
@@ -306,6 +346,8 @@ class NodeAgent:
             import shutil
 
             shutil.rmtree(self._store_tmp, ignore_errors=True)
+        if self._audit is not None:
+            self._audit.close()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro, name=name)
@@ -491,6 +533,8 @@ class NodeAgent:
         st = self._stages.get(str(msg.options.get("reuse", "")))
         if st is None or st.inputs != tuple(msg.inputs) or st.outputs != tuple(msg.outputs):
             return None
+        if st.version != _stage_version(msg):  # another model version: its weights differ
+            return None
         return st if st.precision == str(msg.options.get("precision", "fp32")) else None
 
     async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
@@ -513,7 +557,12 @@ class NodeAgent:
                     self.config.threads,
                     f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
                 )
-            if msg.package and self._store is not None:
+                # one run on zeros before the first request (onnxruntime allocates on its first run),
+                # so that a stage — a canary's, say — is not judged on its cold start
+                with contextlib.suppress(MeshaiError):
+                    await asyncio.to_thread(session.warmup)
+            if msg.package and self._store is not None and msg.options.get("activate", True):
+                # a canary (activate=False) runs beside the active version without becoming it
                 from meshai.packages import parse_package_ref
 
                 await asyncio.to_thread(self._store.activate, *parse_package_ref(msg.package))
@@ -542,6 +591,8 @@ class NodeAgent:
             entry=peer,
             pace_s=pace_s,
             executor=ThreadPoolExecutor(1, thread_name_prefix=f"stage-{msg.stage_id}"),
+            version=_stage_version(msg),
+            stretch=_stretch(msg.options.get("stretch", 1.0)),
         )
         st.worker = self._spawn(self._work(st), f"meshai-stage {msg.deployment}/{msg.stage_id}")
         self._stages[msg.deployment] = st
@@ -558,7 +609,7 @@ class NodeAgent:
             entry = self._entries.get(msg.deployment)
             if entry is not None:
                 self._spawn(
-                    self._serve_entry(entry, msg, ch), f"meshai-entry {msg.deployment}/{msg.request_id}"
+                    self._serve_entry(peer, entry, msg, ch), f"meshai-entry {msg.deployment}/{msg.request_id}"
                 )
                 return
             await self._reply(
@@ -586,6 +637,9 @@ class NodeAgent:
         part = st.pending.setdefault(msg.request_id, {})
         st.arrived.setdefault(msg.request_id, time.monotonic())
         part.update(msg.tensors)
+        upstream = msg.meta.get("versions")
+        if isinstance(upstream, Mapping):
+            st.stamps.setdefault(msg.request_id, {}).update({str(k): str(v) for k, v in upstream.items()})
         self.metrics.add_transfer("received", sum(a.nbytes for a in msg.tensors.values()))
         if all(t in part for t in st.inputs):
             st.ready[msg.request_id] = time.perf_counter()
@@ -602,6 +656,7 @@ class NodeAgent:
             ):
                 st.pending.pop(rid, None)
                 st.arrived.pop(rid, None)
+                st.stamps.pop(rid, None)
 
     async def _work(self, st: _Stage) -> None:
         loop = asyncio.get_running_loop()
@@ -612,6 +667,7 @@ class NodeAgent:
             rid = await st.queue.get()
             feeds = st.pending.pop(rid, None)
             st.arrived.pop(rid, None)
+            stamps = st.stamps.pop(rid, {})
             ready_at = st.ready.pop(rid, None)
             if feeds is None:
                 continue
@@ -626,13 +682,16 @@ class NodeAgent:
                 continue
             spent = time.perf_counter() - t0
             pace = st.pace_s * self.slowdown
+            if st.stretch != 1.0:
+                pace = max(pace, spent) * st.stretch
             if pace > spent:
                 await asyncio.sleep(pace - spent)
             t1 = time.perf_counter()
             busy = t1 - t0
             st.busy_s += busy
             st.served += 1
-            await self._forward(st, rid, outs)
+            stamps[str(st.stage_id)] = st.version
+            await self._forward(st, rid, outs, {"versions": stamps})
             t2 = time.perf_counter()
             m = self.metrics
             if ready_at is not None:
@@ -657,14 +716,16 @@ class NodeAgent:
                 }
             )
 
-    async def _forward(self, st: _Stage, rid: int, outs: dict[str, np.ndarray]) -> None:
+    async def _forward(self, st: _Stage, rid: int, outs: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
+        """Send ``outs`` on to the stages that read them and the graph outputs to the entry; ``meta``
+        carries the versions of every stage the request went through so far, this one included."""
         by_node: dict[str, dict[str, np.ndarray]] = {}
         for t, nodes in st.routes.items():
             for n in nodes:
                 by_node.setdefault(n, {})[t] = outs[t]
         for node, tensors in by_node.items():
             try:
-                await self.pool.send(node, Infer(rid, st.deployment, tensors))
+                await self.pool.send(node, Infer(rid, st.deployment, tensors, meta=meta))
                 sent = sum(a.nbytes for a in tensors.values())
                 self.bytes_out += sent
                 self.metrics.add_transfer("sent", sent)
@@ -684,7 +745,7 @@ class NodeAgent:
             sent = sum(a.nbytes for a in result.values())
             self.bytes_out += sent
             self.metrics.add_transfer("sent", sent)
-            await self._report(st, Result(rid, st.deployment, result))
+            await self._report(st, Result(rid, st.deployment, result, meta=meta))
 
     async def _report(self, st: _Stage, msg: Message) -> None:
         try:
@@ -694,9 +755,16 @@ class NodeAgent:
 
     # ----- long-lived deployments hosted here
 
-    async def _serve_entry(self, entry: Pipeline, msg: Infer, ch: Channel | None) -> None:
+    async def _serve_entry(self, peer: str, entry: Pipeline, msg: Infer, ch: Channel | None) -> None:
+        # an A/B split by robot draws on the sender (or the key it names); a label scores accuracy
+        key = msg.meta.get("key")
+        label = msg.meta.get("label")
         try:
-            outs = await entry.infer(msg.tensors)
+            outs = await entry.infer(
+                msg.tensors,
+                key=key if isinstance(key, str) and key else peer,
+                label=label if isinstance(label, int) and not isinstance(label, bool) else None,
+            )
             await self._reply(ch, Result(msg.request_id, msg.deployment, outs))
         except MeshaiError as exc:
             with contextlib.suppress(PeerError):
@@ -716,6 +784,8 @@ class NodeAgent:
                             "name": n,
                             "entry": self.name,
                             "stage_deployment": p.stage_deployment,
+                            "version": p.version,
+                            "package": _package_of(p),
                             "plan": p.plan.to_dict(),
                             "in_flight": p.in_flight,
                             "served": p.stats.ok,
@@ -768,6 +838,16 @@ class NodeAgent:
             return ControlReply(op, True, {"name": name, "entry": self.name})
         if op == "revocations":
             return await self._revocations(peer, body)
+        if op in ("activate", "store_rollback"):
+            return await self._store_op(op, body)
+        if op in ("rollout", "ab"):
+            from nodes.versions import version_control
+
+            return await version_control(self, op, body)
+        if op == "federate":  # fine-tune the head on this node's --data; only weights leave it
+            from nodes.federate import on_federate
+
+            return await on_federate(self, body)
         if op == "slow":
             # fault injection for simulations: a paced node's accelerator becomes FACTOR times slower
             factor = body.get("factor")
@@ -801,9 +881,31 @@ class NodeAgent:
             gone = self._entries.pop(name, None)
             if gone is None:
                 return ControlReply(op, False, {"error": f"no deployment {name!r} on {self.name!r}"})
+            runner = self.rollouts.pop(name, None)
+            if runner is not None:
+                await runner.stop()
+            self.abtests.pop(name, None)
             await gone.close()
             return ControlReply(op, True, {"name": name})
         return ControlReply(op, False, {"error": f"unknown control op {op!r}"})
+
+    async def _store_op(self, op: str, body: Mapping[str, Any]) -> ControlReply:
+        """``activate`` a stored package (never below the highest version activated here), or
+        ``store_rollback`` to the version a fleet-signed rollback instruction names."""
+        from meshai.packages import RollbackInstruction, parse_package_ref
+
+        try:
+            store = self._require_store()
+            if op == "activate":
+                name, version = parse_package_ref(str(body.get("package", "")))
+                m = await asyncio.to_thread(store.activate, name, version)
+            else:
+                m = await asyncio.to_thread(
+                    store.rollback, RollbackInstruction.from_dict(body.get("instruction"))
+                )
+        except MeshaiError as exc:
+            return ControlReply(op, False, {"error": f"node {self.name!r}: {exc}"})
+        return ControlReply(op, True, {"active": m.ref})
 
     async def _revocations(self, peer: str, body: Mapping[str, Any]) -> ControlReply:
         """A peer offers its revocation list: adopt it if it verifies and is newer, cut off whoever it

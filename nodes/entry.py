@@ -68,6 +68,11 @@ class NodeEntrySupervisor:
 
     async def plan_without(self, plan: Plan, lost: frozenset[str]) -> Plan:
         """A plan over the standby nodes that still answer (PlanError if there is none)."""
+        return await self.plan_package(self.package, lost, plan.model)
+
+    async def plan_package(self, package: str, lost: frozenset[str] = frozenset(), what: str = "") -> Plan:
+        """A plan of the model in the stored ``package`` over the standby nodes, other than ``lost``,
+        that answer (PlanError if there is none)."""
         from scheduler.adapt import relax_stages
         from scheduler.partition import plan as partition
 
@@ -75,8 +80,10 @@ class NodeEntrySupervisor:
         found = await asyncio.gather(*(self._capability(n) for n in names))
         caps = [c for c in found if c is not None]
         if not caps:
-            raise PlanError(f"no standby node of {plan.model!r} answers (standby: {', '.join(self.standby)})")
-        _whole, graph, _cal = await asyncio.to_thread(self.agent.package_graph, self.package)
+            raise PlanError(
+                f"no standby node of {what or package!r} answers (standby: {', '.join(self.standby)})"
+            )
+        _whole, graph, _cal = await asyncio.to_thread(self.agent.package_graph, package)
         constraints = relax_stages(self.constraints, len(caps))
         return await asyncio.to_thread(partition, graph, caps, constraints)
 

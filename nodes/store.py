@@ -234,7 +234,11 @@ class ModelStore:
         ref = f"{name}@{version}"
         if instruction is not None:
             self._check_instruction(instruction, ref, name, state)
-        elif state.highest is not None and version_key(version) < version_key(state.highest):
+        elif (
+            state.highest is not None
+            and version != state.active  # the active version (a signed rollback's) is no downgrade
+            and version_key(version) < version_key(state.highest)
+        ):
             raise SecurityError(
                 f"refusing {ref}: lower than {state.highest}, the highest version this node has activated "
                 "(a rollback needs a signed rollback instruction)"

@@ -20,7 +20,6 @@ values; with fewer, the reason says "too few samples" whatever the p-value.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from meshai.errors import ConfigError
+from meshai.split import split
 
 __all__ = ["MIN_SAMPLES", "TestResult", "compare_latency", "compare_rates", "split"]
 
@@ -252,20 +252,3 @@ def compare_rates(
         reason=reason,
         effect={"rate_a": pa, "rate_b": pb, "diff": diff, "ci_low": lo, "ci_high": hi},
     )
-
-
-# ------------------------------------------------------------------------------------------- split
-
-
-def split(key: str, share: float, salt: str = "") -> bool:
-    """Whether ``key`` (a robot id for ``--by robot``, a request id for ``--by request``) goes to
-    variant B, given B's ``share`` of traffic in [0, 1].  Deterministic: sha256 of salt and key mapped
-    to a uniform number in [0, 1); a different ``salt`` (e.g. the test's id) reshuffles the split."""
-    if not isinstance(key, str):
-        raise ConfigError(f"split key must be a string, got {key!r}")
-    s = float(share) if isinstance(share, int | float) and not isinstance(share, bool) else math.nan
-    if not (math.isfinite(s) and 0.0 <= s <= 1.0):
-        raise ConfigError(f"split share must be a number in [0, 1], got {share!r}")
-    digest = hashlib.sha256(f"{salt}\x00{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2.0**64
-    return u < s

@@ -25,7 +25,19 @@ import numpy as np
 
 from meshai.errors import ConfigError
 
-__all__ = ["fedavg", "finetune_head", "head_accuracy", "head_logits"]
+__all__ = [
+    "TEST_FRACTION",
+    "fedavg",
+    "finetune_head",
+    "head_accuracy",
+    "head_from_wire",
+    "head_logits",
+    "head_to_wire",
+    "local_split",
+]
+
+#: Share of a node's labelled samples it keeps for measuring accuracy (never trained on).
+TEST_FRACTION = 0.25
 
 
 def fedavg(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> dict[str, np.ndarray]:
@@ -216,3 +228,53 @@ def finetune_head(
         wn: np.ascontiguousarray(w_out).astype(np.asarray(weights[wn]).dtype),
         bn: b.astype(np.asarray(weights[bn]).dtype),
     }
+
+
+# ---------------------------------------------------------------------------- a node's data, the wire
+
+
+def local_split(n: int, test_fraction: float = TEST_FRACTION, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A node's deterministic split of its ``n`` samples: (train indices, test indices), sorted; the
+    test part is ``round(n * test_fraction)`` samples, at least 1, and leaves at least 1 to train on."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise ConfigError(f"a node needs at least 2 labelled samples (1 to train, 1 to test), got {n!r}")
+    if not 0.0 < test_fraction < 1.0:
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = min(n - 1, max(1, round(n * test_fraction)))
+    return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def head_to_wire(weights: Mapping[str, np.ndarray]) -> dict[str, dict[str, object]]:
+    """Head tensors as msgpack-native data (a control body): name -> {data: bytes, dtype, shape}."""
+    out: dict[str, dict[str, object]] = {}
+    for name, value in weights.items():
+        a = np.ascontiguousarray(value)
+        out[name] = {"data": a.tobytes(), "dtype": a.dtype.name, "shape": list(a.shape)}
+    return out
+
+
+def head_from_wire(body: object, expect: Mapping[str, tuple[tuple[int, ...], str]]) -> dict[str, np.ndarray]:
+    """Head tensors from ``head_to_wire``'s form, checked against ``expect`` (name -> (shape, dtype)):
+    exactly those names, each with that shape and dtype and finite values; ConfigError names the tensor."""
+    if not isinstance(body, Mapping):
+        raise ConfigError(f"head weights must be a map of tensor name to tensor, got {type(body).__name__}")
+    if set(body) != set(expect):
+        raise ConfigError(f"head weights name {sorted(map(str, body))}, expected {sorted(expect)}")
+    out: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in expect.items():
+        t = body[name]
+        if not isinstance(t, Mapping) or not isinstance(t.get("data"), bytes):
+            raise ConfigError(f"head tensor {name!r} must be {{data: bytes, dtype, shape}}")
+        if t.get("dtype") != dtype or list(t.get("shape", ())) != list(shape):
+            raise ConfigError(
+                f"head tensor {name!r} is {t.get('dtype')}{list(t.get('shape', ()))}, expected {dtype}{list(shape)}"
+            )
+        data = t["data"]
+        if len(data) != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize:
+            raise ConfigError(f"head tensor {name!r} holds {len(data)} bytes, not {dtype}{list(shape)}")
+        a = np.frombuffer(data, dtype=dtype).reshape(shape).copy()
+        if not np.all(np.isfinite(a)):
+            raise ConfigError(f"head tensor {name!r} holds non-finite values")
+        out[name] = a
+    return out

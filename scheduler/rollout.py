@@ -275,7 +275,10 @@ class RolloutState:
     ``step_started_at``: when the current stage's bake began (None before the start); ``reason``: why the
     rollout is in this state; ``history``: every decision that changed the state (holds are not kept);
     ``baseline_p95_ms``: the old version's last p95 measured on enough samples, which stands in for it
-    once the old version serves too little (at 100 %); ``paused_from``: the status a pause interrupted.
+    once the old version serves too little (at 100 %); ``paused_from``: the status a pause interrupted;
+    ``pre_p95_ms``: the old version's p95 before the rollout began, when it carried all the traffic —
+    given, it is the stand-in at 100 % instead (the new version then carries all of it too: where both
+    versions share nodes, an old p95 measured at part load would flatter the old version).
     """
 
     step: int = -1
@@ -285,6 +288,7 @@ class RolloutState:
     history: tuple[Decision, ...] = ()
     baseline_p95_ms: float | None = None
     paused_from: str | None = None
+    pre_p95_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -315,6 +319,7 @@ class RolloutState:
             "history": [h.to_dict() for h in self.history],
             "baseline_p95_ms": self.baseline_p95_ms,
             "paused_from": self.paused_from,
+            "pre_p95_ms": self.pre_p95_ms,
         }
 
     @classmethod
@@ -322,6 +327,7 @@ class RolloutState:
         """The inverse of ``to_dict``."""
         started = d.get("step_started_at")
         base = d.get("baseline_p95_ms")
+        pre = d.get("pre_p95_ms")
         return cls(
             step=int(d.get("step", -1)),
             status=str(d.get("status", "pending")),
@@ -330,6 +336,7 @@ class RolloutState:
             history=tuple(Decision.from_dict(h) for h in d.get("history") or ()),
             baseline_p95_ms=None if base is None else float(base),
             paused_from=d.get("paused_from"),
+            pre_p95_ms=None if pre is None else float(pre),
         )
 
 
@@ -352,20 +359,22 @@ def _gates(config: RolloutConfig, state: RolloutState, old: VersionMetrics, new:
 
     # p95: relative regression of the new version against the old one (or the stored baseline).
     baseline = state.baseline_p95_ms
-    if old.requests >= n and old.p95_ms is not None:
+    old_judged = old.requests >= n and old.p95_ms is not None
+    if old_judged:
         baseline = old.p95_ms
-    ref_name = (
-        "the old version" if old.requests >= n and old.p95_ms is not None else "the old version's baseline"
-    )
+    ref_name = "the old version" if old_judged else "the old version's baseline"
+    ref_p95 = baseline
+    if not old_judged and state.pre_p95_ms is not None:
+        ref_p95, ref_name = state.pre_p95_ms, "the old version before the rollout"
     if new.requests < n or new.p95_ms is None:
         table["p95"] = {"value": None, "limit": config.max_p95_regression, "ok": None}
         waiting.append(f"{n} requests on the new version ({new.requests} so far)")
-    elif baseline is None:
+    elif ref_p95 is None:
         table["p95"] = {"value": None, "limit": config.max_p95_regression, "ok": None}
         waiting.append(f"{n} requests on the old version to compare p95 with ({old.requests} so far)")
     else:
         worse = 0.0 if new.p95_ms <= 0 else math.inf  # against a zero baseline
-        regression = new.p95_ms / baseline - 1.0 if baseline > 0 else worse
+        regression = new.p95_ms / ref_p95 - 1.0 if ref_p95 > 0 else worse
         ok = regression <= config.max_p95_regression + EPS
         table["p95"] = {
             "value": regression if math.isfinite(regression) else None,
@@ -375,7 +384,7 @@ def _gates(config: RolloutConfig, state: RolloutState, old: VersionMetrics, new:
         if not ok:
             slower = _pct(regression) if math.isfinite(regression) else "infinitely"
             failed.append(
-                f"p95 latency {_ms(new.p95_ms)} ms on the new version vs {_ms(baseline)} ms on {ref_name}: "
+                f"p95 latency {_ms(new.p95_ms)} ms on the new version vs {_ms(ref_p95)} ms on {ref_name}: "
                 f"{slower} slower, over the {_pct(config.max_p95_regression)} allowed"
             )
 
@@ -433,12 +442,17 @@ def _terminal_reason(state: RolloutState) -> str:
     return f"the rollout is already {state.status.replace('_', ' ')} ({state.reason}): nothing changes"
 
 
-def start(config: RolloutConfig, now: float) -> tuple[RolloutState, Decision]:
-    """Begin a rollout: the first stage's share of pipelines goes to the new version and starts baking."""
+def start(
+    config: RolloutConfig, now: float, pre_p95_ms: float | None = None
+) -> tuple[RolloutState, Decision]:
+    """Begin a rollout: the first stage's share of pipelines goes to the new version and starts baking.
+    ``pre_p95_ms``: the old version's p95 just before (see ``RolloutState``)."""
     at = _num("now", now, -math.inf)
+    if pre_p95_ms is not None:
+        _num("pre_p95_ms", pre_p95_ms, 0.0)
     share = config.stages[0]
     d = Decision("advance", 0, share, f"rollout started: {_pct(share)} of pipelines on the new version", at)
-    return _record(RolloutState(), d, step=0, status="baking", step_started_at=at)
+    return _record(RolloutState(pre_p95_ms=pre_p95_ms), d, step=0, status="baking", step_started_at=at)
 
 
 def decide(

@@ -22,7 +22,13 @@ from runtime_helpers import WatchedRun, all_pids, child_env, cmdline, is_zombie
 pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ["collaborative_perception", "quantize_and_deploy", "hetero_swarm_sim", "cloud_offload"]
+SCRIPTS = [
+    "collaborative_perception",
+    "quantize_and_deploy",
+    "hetero_swarm_sim",
+    "cloud_offload",
+    "federated_digits",
+]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TOL = 1e-4
 

@@ -1,14 +1,28 @@
 """Federated personalisation of a head layer (scheduler/fedavg.py): the exact weighted mean, local
 softmax-regression fine-tuning, and FedAvg over non-IID nodes (synthetic blobs and sklearn's digits)
-against a start head and a head trained on the pooled data (the upper bound)."""
+against a start head and a head trained on the pooled data (the upper bound); finding the head of an
+ONNX model and replacing its weights (scheduler/head.py); a node's split and the head's wire form."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from meshai.errors import ConfigError
-from scheduler.fedavg import fedavg, finetune_head, head_accuracy, head_logits
+from scheduler.fedavg import (
+    fedavg,
+    finetune_head,
+    head_accuracy,
+    head_from_wire,
+    head_logits,
+    head_to_wire,
+    local_split,
+)
+from scheduler.head import find_head, head_weights, with_head
 
 NAMES = ("fc.weight", "fc.bias")
 GROUPS = ((0, 1, 2), (3, 4, 5, 6), (7, 8, 9))  # the classes each node sees mostly
@@ -216,3 +230,139 @@ def test_fedavg_on_non_iid_digits_raises_global_and_per_node_accuracy():
         node_before = head_accuracy(start, xt[p], yt[p], names=NAMES)
         node_after = head_accuracy(fed, xt[p], yt[p], names=NAMES)
         assert node_after > node_before + 0.5
+
+
+# ------------------------------------------------------------------------ the head of an ONNX model
+
+
+def _mlp(*, matmul: bool = False, softmax: bool = False, outputs: int = 1) -> onnx.ModelProto:
+    """in [N,4] → Gemm fc1 + Relu → head (Gemm fc2, or MatMul mm + Add) [N,3] (→ Softmax)."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "b1"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Gemm", ["in", "w1", "b1"], ["h1"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h1"], ["r1"], name="relu1"),
+    ]
+    last = "probs" if softmax else "logits"
+    head_out = "z" if softmax else "logits"
+    if matmul:
+        inits.append(numpy_helper.from_array(rng.standard_normal((5, 3)).astype(np.float32), "w2"))
+        nodes += [
+            helper.make_node("MatMul", ["r1", "w2"], ["mm_out"], name="mm"),
+            helper.make_node("Add", ["mm_out", "b2"], [head_out], name="add"),
+        ]
+    else:
+        inits.append(numpy_helper.from_array(rng.standard_normal((3, 5)).astype(np.float32), "w2"))
+        nodes.append(helper.make_node("Gemm", ["r1", "w2", "b2"], [head_out], name="fc2", transB=1))
+    if softmax:
+        nodes.append(helper.make_node("Softmax", ["z"], ["probs"], name="softmax"))
+    outs = [helper.make_tensor_value_info(last, TensorProto.FLOAT, ["N", 3])]
+    if outputs == 2:
+        outs.append(helper.make_tensor_value_info("r1", TensorProto.FLOAT, ["N", 5]))
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("in", TensorProto.FLOAT, ["N", 4])],
+        outs,
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_find_head_automatically_and_by_name():
+    gemm = find_head(_mlp())
+    assert (gemm.node, gemm.names, gemm.trans_b, gemm.features, gemm.output) == (
+        "fc2", ("w2", "b2"), True, "r1", "logits"
+    )  # fmt: skip
+    assert find_head(_mlp(), "fc2") == gemm
+    mm = find_head(_mlp(matmul=True, softmax=True))
+    assert (mm.node, mm.names, mm.trans_b, mm.features, mm.output) == (
+        "mm",
+        ("w2", "b2"),
+        False,
+        "r1",
+        "probs",
+    )
+    assert find_head(_mlp(matmul=True, softmax=True), "mm") == mm
+    assert find_head(_mlp(outputs=2), "fc2").output == "logits"
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "words"),
+    [
+        (_mlp(), "fc9", "no node named 'fc9' (its Gemm/MatMul nodes: fc1, fc2)"),
+        (_mlp(), "relu1", "'relu1' (Relu) is not a Gemm or MatMul head layer"),
+        (_mlp(), "fc1", "'fc1' (Gemm) does not feed a graph output: 'h1' goes through 'relu1' (Relu)"),
+        (_mlp(outputs=2), None, "model has 2 outputs; name its head layer"),
+    ],
+)
+def test_find_head_says_what_is_wrong(model, name, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        find_head(model, name)
+
+
+def test_find_head_refuses_a_model_without_one():
+    m = _mlp()
+    m.graph.node.append(helper.make_node("Relu", ["logits"], ["out"], name="relu_out"))
+    m.graph.output[0].name = "out"
+    with pytest.raises(ConfigError, match=re.escape("'out' is made by 'relu_out' (Relu), not by a Gemm")):
+        find_head(m)
+    m = _mlp()
+    w2 = next(t for t in m.graph.initializer if t.name == "w2")
+    m.graph.initializer.remove(w2)
+    m.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [3, 5]))
+    with pytest.raises(ConfigError, match="head weight 'w2' of node 'fc2' \\(Gemm\\) is not an initializer"):
+        find_head(m)
+
+
+def test_with_head_replaces_exactly_the_head_initializers():
+    m = _mlp()
+    head = find_head(m)
+    w = head_weights(m, head)
+    new = {k: v + 1 for k, v in w.items()}
+    out = with_head(m, new)
+    assert list(out.graph.node) == list(m.graph.node)
+    got = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    was = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    assert {n for n in got if not np.array_equal(got[n], was[n])} == {"w2", "b2"}
+    assert np.array_equal(got["w2"], new["w2"]) and np.array_equal(head_weights(m, head)["w2"], w["w2"])
+    with pytest.raises(ConfigError, match=r"new 'w2' is float32\[5, 3\], the model's is float32\[3, 5\]"):
+        with_head(m, {"w2": w["w2"].T.copy()})
+    with pytest.raises(ConfigError, match="no initializer 'nope'"):
+        with_head(m, {"nope": w["w2"]})
+
+
+# ------------------------------------------------------------------- a node's split and the wire form
+
+
+def test_local_split_is_deterministic_and_disjoint():
+    tr, te = local_split(100)
+    assert len(te) == 25 and len(tr) == 75 and not set(tr) & set(te) and set(tr) | set(te) == set(range(100))
+    assert all(np.array_equal(a, b) for a, b in zip((tr, te), local_split(100), strict=True))
+    assert [len(p) for p in local_split(2)] == [1, 1] and [len(p) for p in local_split(3)] == [2, 1]
+    with pytest.raises(ConfigError, match="at least 2 labelled samples"):
+        local_split(1)
+
+
+def test_head_weights_round_trip_the_wire_and_are_checked():
+    w = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
+    expect = {"w": ((2, 3), "float32"), "b": ((2,), "float32")}
+    back = head_from_wire(head_to_wire(w), expect)
+    assert all(np.array_equal(back[k], w[k]) and back[k].dtype == w[k].dtype for k in w)
+    wire = head_to_wire(w)
+    bad = [
+        ({"w": wire["w"]}, "expected \\['b', 'w'\\]"),
+        (
+            {**wire, "w": {**wire["w"], "dtype": "float64"}},
+            "'w' is float64\\[2, 3\\], expected float32\\[2, 3\\]",
+        ),
+        ({**wire, "w": {**wire["w"], "data": b"\0" * 8}}, "'w' holds 8 bytes"),
+        ({**wire, "b": {**wire["b"], "data": np.full(2, np.nan, np.float32).tobytes()}}, "non-finite"),
+    ]
+    for body, words in bad:
+        with pytest.raises(ConfigError, match=words):
+            head_from_wire(body, expect)

@@ -18,6 +18,12 @@ COMPOSITION = {
     "bench_recovery.py",
     "chaos.py",
     "supervise.py",
+    "rollouts.py",
+    "sim_rollout.py",
+    "rollout_client.py",
+    "rollout_cli.py",
+    "federate.py",
+    "federate_cli.py",
     "__main__.py",
 }
 #: The scheduler's I/O modules: Ray actors and onnxruntime's quantizer run node executors.

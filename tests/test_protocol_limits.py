@@ -15,7 +15,7 @@ from meshai.protocol import FrameDecoder, Hello, Infer, Limits, Message, Result,
 from meshai.protocol.framing import MAGIC, PREFIX
 
 HELLO_F = {"node_id": "n", "protocol_version": 1, "role": "node", "capabilities": {}, "listen": ""}
-INFER_F = {"request_id": 1, "deployment": "d", "reply_to": ""}
+INFER_F = {"request_id": 1, "deployment": "d", "reply_to": "", "meta": {}}
 
 
 def raw_frame(
@@ -300,7 +300,7 @@ def _hello(caps: dict[str, Any]) -> Message:
         (Infer(1, "d", {"x": np.zeros(2, np.complex64)}), Limits(), "complex64 is not allowed"),
         (
             Infer(1, "d", {"x": np.zeros(2000, np.uint8)}),
-            Limits(max_frame_bytes=2048, max_header_bytes=64),
+            Limits(max_frame_bytes=2048, max_header_bytes=96),
             "frame of",
         ),
         (_hello({"x": "a" * 5000}), Limits(), "5000 exceeds max_str_len"),

@@ -339,19 +339,23 @@ class Infer(Message):
     deployment: str
     tensors: dict[str, Tensor]
     reply_to: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """Request metadata: ``versions`` (stage id → the package version that stage ran, stamped hop by
+    hop), and from a client to an entry ``key`` (what an A/B split by robot keys on) and ``label``."""
 
     def __post_init__(self) -> None:
         _int("Infer.request_id", self.request_id, lo=0)
         _str("Infer.deployment", self.deployment, empty=False)
         _set(self, "tensors", _tensors("Infer.tensors", self.tensors))
         _str("Infer.reply_to", self.reply_to)
+        _set(self, "meta", _wire_dict("Infer.meta", self.meta))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Infer):
             return NotImplemented
         return (
-            (self.request_id, self.deployment, self.reply_to)
-            == (other.request_id, other.deployment, other.reply_to)
+            (self.request_id, self.deployment, self.reply_to, self.meta)
+            == (other.request_id, other.deployment, other.reply_to, other.meta)
         ) and _tensors_equal(self.tensors, other.tensors)
 
 
@@ -365,18 +369,22 @@ class Result(Message):
     request_id: int
     deployment: str
     tensors: dict[str, Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+    """``versions``: stage id → the package version each stage on the way ran (see ``Infer.meta``)."""
 
     def __post_init__(self) -> None:
         _int("Result.request_id", self.request_id, lo=0)
         _str("Result.deployment", self.deployment, empty=False)
         _set(self, "tensors", _tensors("Result.tensors", self.tensors))
+        _set(self, "meta", _wire_dict("Result.meta", self.meta))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Result):
             return NotImplemented
-        return (self.request_id, self.deployment) == (
+        return (self.request_id, self.deployment, self.meta) == (
             other.request_id,
             other.deployment,
+            other.meta,
         ) and _tensors_equal(self.tensors, other.tensors)
 
 
