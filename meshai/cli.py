@@ -506,17 +506,9 @@ def _package(args: argparse.Namespace, loaded: Any) -> tuple[bytes, str] | None:
     """``--package PKG``: the signed package to deploy from; it must hold the model being planned."""
     if not getattr(args, "package", None):
         return None
-    from pathlib import Path
+    from meshai.packages import read_signed
 
-    from meshai.packages import inspect_package
-
-    try:
-        data = Path(args.package).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read package {args.package!r}: {exc.strerror}") from None
-    manifest, signed = inspect_package(data)
-    if not signed:
-        raise ConfigError(f"package {args.package!r} is not signed (meshai package sign)")
+    data, manifest = read_signed(args.package)
     if not any(f.sha256 == loaded.source_sha256 for f in manifest.files):
         raise ConfigError(f"package {args.package!r} ({manifest.ref}) does not contain model {loaded.name!r}")
     return data, manifest.ref
@@ -605,6 +597,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     import time
 
     from meshai.pipeline import percentiles_ms
+    from meshai.planning import read_labels
     from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
 
     async def go() -> dict[str, Any]:
@@ -612,11 +605,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
             await _gather_peers(mesh, args)
             dep = await mesh.attach(args.name)
             reqs = request_slices(load_npz(args.inputs, list(dep.plan.inputs)))
+            labels = read_labels(args.labels, len(reqs)) if args.labels else None
             outs = []
             lat = []
-            for r in reqs:
+            for i, r in enumerate(reqs):
                 t0 = time.perf_counter()
-                outs.append(await dep.infer(r))
+                label = None if labels is None else int(labels[i])
+                outs.append(await dep.infer(r, key=args.key, label=label))
                 lat.append(time.perf_counter() - t0)
             if args.outputs:
                 save_npz(args.outputs, stack_requests(outs))
@@ -729,7 +724,7 @@ def _fault_flags(p: argparse.ArgumentParser) -> None:
         help="shares of traffic, e.g. 10%%,50%%,100%%",
     )
     r.add_argument(
-        "--rollout-at", type=int, metavar="N", help="start after N results (default: a sixth of the run)"
+        "--rollout-at", type=int, metavar="N", help="start after N results (default: a tenth of the run)"
     )
     r.add_argument(
         "--max-p95-regression",
@@ -995,6 +990,14 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     inf.add_argument("name")
     inf.add_argument("--inputs", required=True)
     inf.add_argument("--outputs")
+    inf.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="an npz whose 'labels' hold the class each request should get (accuracy per version)",
+    )
+    inf.add_argument(
+        "--key", default="", metavar="ROBOT", help="the robot the requests come from (an A/B split by robot)"
+    )
     _add_mesh_flags(inf)
     inf.add_argument("--json", action="store_true")
     inf.set_defaults(func=cmd_infer)
@@ -1060,6 +1063,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     from meshai.batch_cli import add_batch_parser
     from meshai.federate_cli import add_federate_parser
     from meshai.quantize_cli import add_digits_parser, add_quantize_parser
+    from meshai.rollout_cli import add_rollout_parsers
     from meshai.telemetry_cli import add_telemetry_parser
 
     add_batch_parser(sub)
@@ -1067,6 +1071,7 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     add_digits_parser(sub)
     add_telemetry_parser(sub)
     add_federate_parser(sub)
+    add_rollout_parsers(sub)
     if with_security:  # cryptography and onnx load in ~0.2 s: keep them off `meshai node`'s start
         from meshai.package_cli import add_package_parsers
         from meshai.security_cli import add_ca_parser

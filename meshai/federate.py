@@ -407,13 +407,8 @@ async def federate(
     package = await asyncio.to_thread(write_package, current, weights, new_version, out, signing_key)
     reply: dict[str, Any] | None = None
     if rollout is not None:
-        try:
-            from meshai.rollout_client import start_rollout  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            raise ConfigError(
-                f"staged rollouts are not available here (no meshai.rollout_client); {package['ref']} is "
-                f"written to {package['path']}: roll it out with 'meshai rollout start'"
-            ) from None
+        from meshai.rollout_client import start_rollout
+
         data = Path(package["path"]).read_bytes()
         reply = dict(await start_rollout(mesh, deployment, (data, package["ref"]), rollout))
     return {

@@ -42,7 +42,7 @@ from meshai.planning import (
     make_plan,
     plan_measured,
 )
-from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
+from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Upload, Uploaded
 from meshai.supervise import MeshSupervisor
 from meshai.transport import Channel
 
@@ -117,6 +117,7 @@ class Mesh:
         self._routes: dict[str, Pipeline] = {}  # stage-deployment id -> the pipeline it belongs to
         self._pipelines: list[Pipeline] = []  # every pipeline this mesh runs
         self._remote_waiters: dict[tuple[str, int], asyncio.Future[Message]] = {}
+        self._upload_waiters: dict[tuple[str, str], asyncio.Future[Uploaded]] = {}
         self._peers: dict[str, Peer] = {}
         self.untrusted: dict[str, dict[str, str]] = {}
         from meshai.metrics import Metrics
@@ -452,6 +453,31 @@ class Mesh:
             self._routes.pop(sid, None)
         return {"name": name, "entry": entry, "plan": plan.to_dict()}
 
+    async def upload(self, package: tuple[bytes, str], nodes: Sequence[str], timeout: float = 120.0) -> None:
+        """Hand a signed package (bytes, ``name@version``) to ``nodes``; each verifies and stores it.
+        DeploymentError names a node that refused it and why (or did not answer)."""
+        data, ref = package
+        loop = asyncio.get_running_loop()
+        waits = {n: loop.create_future() for n in dict.fromkeys(nodes)}
+        for n, fut in waits.items():
+            self._upload_waiters[(n, ref)] = fut
+        try:
+            await asyncio.gather(*(self.pool.send(n, Upload(ref, data)) for n in waits))
+            try:
+                async with asyncio.timeout(timeout):
+                    acks = await asyncio.gather(*waits.values())
+            except TimeoutError:
+                missing = [n for n, f in waits.items() if not f.done()]
+                raise DeploymentError(
+                    f"no answer to upload from {', '.join(missing)} within {timeout:g} s"
+                ) from None
+        finally:
+            for n in waits:
+                self._upload_waiters.pop((n, ref), None)
+        for node, ack in zip(waits, acks, strict=True):
+            if not ack.ok:
+                raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
+
     async def deployments(self) -> list[dict[str, Any]]:
         """Long-lived deployments hosted by any connected node."""
         out: list[dict[str, Any]] = []
@@ -492,6 +518,10 @@ class Mesh:
         if dep is not None and dep in self._routes:
             await self._routes[dep].on_message(peer, msg, ch)
         elif isinstance(msg, Uploaded):
+            waiter = self._upload_waiters.get((peer, msg.package))
+            if waiter is not None and not waiter.done():
+                waiter.set_result(msg)
+                return
             for p in {id(p): p for p in self._routes.values()}.values():
                 await p.on_message(peer, msg, ch)
 
@@ -554,14 +584,28 @@ class RemoteDeployment:
         self.entry = entry
         self.plan = plan
 
-    async def infer(self, inputs: Mapping[str, np.ndarray], timeout: float = 120.0) -> dict[str, np.ndarray]:
-        """Run one request through the deployment's entry."""
+    async def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        timeout: float = 120.0,
+        *,
+        key: str = "",
+        label: int | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run one request through the deployment's entry.  ``key`` names the robot it comes from (an
+        A/B split by robot draws on it; default: this client's identity); ``label``, when known, is the
+        class it should get (the entry scores accuracy per version)."""
+        meta: dict[str, Any] = {}
+        if key:
+            meta["key"] = key
+        if label is not None:
+            meta["label"] = int(label)
         rid = self.mesh._remote_rid()
         fut: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self.mesh._remote_waiters[(self.entry, rid)] = fut
         try:
             await self.mesh.pool.send(
-                self.entry, Infer(rid, self.name, {k: np.asarray(v) for k, v in inputs.items()})
+                self.entry, Infer(rid, self.name, {k: np.asarray(v) for k, v in inputs.items()}, meta=meta)
             )
             async with asyncio.timeout(timeout):
                 msg = await fut

@@ -961,6 +961,19 @@ def inspect_package(
     return Manifest.from_bytes(arc.manifest), arc.signature is not None
 
 
+def read_signed(path: str | os.PathLike[str], *, max_bytes: int = MAX_MODEL_BYTES) -> tuple[bytes, Manifest]:
+    """A package file's bytes and manifest, refused (ConfigError) when unreadable or unsigned.  The
+    signature is checked by whoever stores it (the nodes), against the fleet key."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read package {os.fspath(path)!r}: {exc.strerror}") from None
+    manifest, signed = inspect_package(data, max_bytes=max_bytes)
+    if not signed:
+        raise ConfigError(f"package {os.fspath(path)!r} is not signed (meshai package sign)")
+    return data, manifest
+
+
 def _unwrap(enc: Encryption, recipient: tuple[str, bytes] | None, ref: str) -> bytes:
     ids = ", ".join(r.id for r in enc.recipients)
     if recipient is None:

@@ -25,13 +25,7 @@ def write_run_report(
 ) -> Path:
     """Write the run's PNG: top left, end-to-end latency; top right, per-stage compute and transfer
     time; bottom, a timeline of ``timeline_requests`` consecutive requests across the stages."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError("--report needs matplotlib: pip install 'meshai[plot]'") from None
+    plt = pyplot("--report")
     if not events:
         raise ConfigError("no stage events to plot (did any request complete?)")
     stages = sorted({int(e["stage"]) for e in events})
@@ -112,6 +106,75 @@ def write_run_report(
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def pyplot(what: str) -> Any:
+    """matplotlib.pyplot on the Agg backend; ConfigError naming ``what`` needs it when it is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(f"{what} needs matplotlib: pip install 'meshai[plot]'") from None
+    return plt
+
+
+def write_ab_png(report: Mapping[str, Any], path: str | Path) -> Path:
+    """An A/B report's PNG: left, the two latency distributions (empirical CDFs, medians marked) with the
+    Mann–Whitney verdict; right, error rate and accuracy per variant with 95 % intervals."""
+    plt = pyplot("an A/B report's plot")
+    variants = report["variants"]
+    tests = report.get("tests", {})
+    fig, (ax_lat, ax_rate) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=110)
+    colours = {"A": "#4C72B0", "B": "#DD8452"}
+    for label in ("A", "B"):
+        v = variants[label]
+        ms = sorted(float(x) for x in v["latencies_ms"])
+        if ms:
+            y = [(i + 1) / len(ms) for i in range(len(ms))]
+            ax_lat.step(
+                ms, y, where="post", color=colours[label], label=f"{label} (v{v['version']}, n={len(ms)})"
+            )
+            ax_lat.axvline(ms[len(ms) // 2], color=colours[label], linestyle=":", linewidth=1)
+    lat = tests.get("latency")
+    ax_lat.set_title(
+        "latency" + (f": {lat['reason']}" if lat else ": too few samples"), fontsize=8, wrap=True
+    )
+    ax_lat.set_xlabel("end-to-end latency (ms)")
+    ax_lat.set_ylabel("share of requests at or below")
+    ax_lat.legend(loc="lower right", fontsize=8)
+    names: list[str] = []
+    positions: list[float] = []
+    for group, (metric, hits, n_key) in enumerate(
+        (("error rate", "errors", "requests"), ("accuracy", "correct", "labelled"))
+    ):
+        for k, label in enumerate(("A", "B")):
+            v = variants[label]
+            n = int(v[n_key])
+            rate = v[hits] / n if n else 0.0
+            half = 1.96 * (rate * (1 - rate) / n) ** 0.5 if n else 0.0
+            x = group * 2.5 + k
+            ax_rate.bar(x, rate * 100, color=colours[label], yerr=half * 100, capsize=4)
+            names.append(f"{metric}\n{label} (n={n})")
+            positions.append(x)
+    ax_rate.set_xticks(positions, names, fontsize=8)
+    verdicts = [
+        f"{k}: p={t['p_value']:.3g}{' (significant)' if t['significant'] else ''}"
+        for k, t in tests.items()
+        if k != "latency"
+    ]
+    ax_rate.set_title("; ".join(verdicts) or "rates: too few samples", fontsize=8)
+    ax_rate.set_ylabel("%")
+    split = report["split"]
+    fig.suptitle(
+        f"A/B test of {report['deployment']}: B gets {split['share_b'] * 100:.0f} % by {split['by']}"
+    )
+    fig.tight_layout()
+    out = Path(path)
     fig.savefig(out)
     plt.close(fig)
     return out

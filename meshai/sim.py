@@ -541,7 +541,7 @@ async def _run_sim(
                         pipe,
                         (loaded, package),
                         next_version,
-                        at=opts.rollout_at if opts.rollout_at is not None else max(1, opts.requests // 6),
+                        at=opts.rollout_at if opts.rollout_at is not None else max(1, opts.requests // 10),
                         stages=opts.rollout_stages,
                         max_p95_regression=opts.max_p95_regression,
                         slowdown=opts.canary_slowdown,

@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 #: Each stage bakes for as long as this many requests took before the rollout started.
 BAKE_REQUESTS = 40
 #: Requests per version before a gate may pass.
-MIN_SAMPLES = 50
+MIN_SAMPLES = 40
+#: ``last_requests_by_version`` counts the versions of this many last requests.
+TAIL = 50
 #: The rate of the last this many results sets the bake time.
 RATE_OVER = 30
 
@@ -92,12 +94,15 @@ class SimRollout:
 
     def report(self, lost: int, versions_of: dict[int, str]) -> dict[str, Any]:
         """The JSON's ``rollout``: final, reason, steps, mixed_version_requests, lost, and per version
-        the requests it served; ``stamped_requests`` counts requests every stage of whose plan reported
-        the version it ran."""
+        the requests it served (and of the last ``TAIL``); ``stamped_requests`` counts requests every
+        stage of whose plan reported the version it ran."""
         trace = list(self.pipe.version_trace)
         served: dict[str, int] = {}
         for v in versions_of.values():
             served[v] = served.get(v, 0) + 1
+        tail: dict[str, int] = {}
+        for i in sorted(versions_of)[-TAIL:]:
+            tail[versions_of[i]] = tail.get(versions_of[i], 0) + 1
         r = self.runner
         status = r.status() if r is not None else {}
         return {
@@ -113,5 +118,6 @@ class SimRollout:
             "mixed_version_requests": self.pipe.stats.mixed_versions,
             "stamped_requests": sum(1 for t in trace if t[3]),
             "served_by_version": served,
+            "last_requests_by_version": tail,
             "lost": lost,
         }
