@@ -217,11 +217,7 @@ def write_package(
 async def find_deployment(mesh: Mesh, name: str, current: Current) -> dict[str, Any]:
     """The deployment ``name`` as its entry reports it; DeploymentError if no connected node hosts it,
     ConfigError if it runs another model than the package's."""
-    deps = await mesh.deployments()
-    dep = next((d for d in deps if d.get("name") == name), None)
-    if dep is None:
-        known = ", ".join(sorted(str(d.get("name")) for d in deps)) or "none"
-        raise DeploymentError(f"no deployment named {name!r} on the connected nodes (deployments: {known})")
+    dep = await mesh.find(name)
     plan = dep.get("plan", {})
     g = current.normalized.graph
     ins, outs = [i.name for i in g.input], [o.name for o in g.output]

@@ -489,22 +489,27 @@ class Mesh:
             out.extend(reply.body.get("deployments", []))
         return out
 
+    async def find(self, name: str) -> dict[str, Any]:
+        """The long-lived deployment ``name`` as its entry lists it (entry, version, package, plan, …);
+        DeploymentError naming the deployments there are when no connected node hosts it."""
+        deps = await self.deployments()
+        for d in deps:
+            if d.get("name") == name:
+                return dict(d)
+        known = ", ".join(sorted(str(d.get("name")) for d in deps)) or "none"
+        raise DeploymentError(f"no deployment named {name!r} on the mesh (deployments: {known})")
+
     async def attach(self, name: str) -> RemoteDeployment:
         """A handle on a long-lived deployment by name (its entry is found among the connected nodes)."""
-        for d in await self.deployments():
-            if d["name"] == name:
-                return RemoteDeployment(self, name, str(d["entry"]), Plan.from_dict(d["plan"]))
-        raise DeploymentError(f"no deployment named {name!r} on the mesh")
+        d = await self.find(name)
+        return RemoteDeployment(self, name, str(d["entry"]), Plan.from_dict(d["plan"]))
 
     async def undeploy(self, name: str) -> None:
         """Release a long-lived deployment (its entry undeploys every stage)."""
-        for d in await self.deployments():
-            if d["name"] == name:
-                reply = await self.pool.control(str(d["entry"]), "undeploy", {"name": name})
-                if not reply.ok:
-                    raise DeploymentError(str(reply.body.get("error")))
-                return
-        raise DeploymentError(f"no deployment named {name!r} on the mesh")
+        d = await self.find(name)
+        reply = await self.pool.control(str(d["entry"]), "undeploy", {"name": name})
+        if not reply.ok:
+            raise DeploymentError(str(reply.body.get("error")))
 
     # ----- message routing
 

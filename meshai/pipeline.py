@@ -550,6 +550,11 @@ class Pipeline:
         self.split_salt = salt or self.name
         self.set_share(share)
 
+    async def discard(self, gen: Generation) -> None:
+        """Release a generation that never served (a variant that could not start) and forget it."""
+        await self._undeploy(gen)
+        self._retire(gen)
+
     def set_share(self, share: float) -> None:
         """The variant's share of new requests, in [0, 1]."""
         if isinstance(share, bool) or not isinstance(share, int | float) or not 0.0 <= share <= 1.0:

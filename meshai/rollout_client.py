@@ -18,15 +18,7 @@ if TYPE_CHECKING:
     from meshai.mesh import Mesh
     from scheduler.rollout import RolloutConfig
 
-__all__ = ["ab_action", "find_deployment", "rollout_action", "start_ab", "start_rollout"]
-
-
-async def find_deployment(mesh: Mesh, name: str) -> dict[str, Any]:
-    """The deployment ``name`` as its entry lists it (entry, version, package, plan, …)."""
-    for d in await mesh.deployments():
-        if d["name"] == name:
-            return dict(d)
-    raise DeploymentError(f"no deployment named {name!r} on the mesh")
+__all__ = ["ab_action", "rollout_action", "start_ab", "start_rollout"]
 
 
 async def _hand_out(mesh: Mesh, dep: Mapping[str, Any], package: tuple[bytes, str], *, newer: bool) -> str:
@@ -74,7 +66,7 @@ async def start_rollout(
 ) -> dict[str, Any]:
     """Hand the new version to the nodes and start its staged rollout on ``deployment``'s entry; the
     rollout's first status."""
-    dep = await find_deployment(mesh, deployment)
+    dep = await mesh.find(deployment)
     version = await _hand_out(mesh, dep, package, newer=True)
     body = {
         "action": "start",
@@ -95,7 +87,7 @@ async def rollout_action(
     replaced), which a completed rollout needs."""
     if action not in ("status", "pause", "resume", "rollback"):
         raise ConfigError(f"unknown rollout action {action!r}")
-    dep = await find_deployment(mesh, deployment)
+    dep = await mesh.find(deployment)
     body: dict[str, Any] = {"action": action, "name": deployment}
     if action == "rollback" and signing_key:
         from meshai.packages import sign_rollback
@@ -115,7 +107,7 @@ async def start_ab(
     mesh: Mesh, deployment: str, package: tuple[bytes, str], share: float, by: str = "request"
 ) -> dict[str, Any]:
     """Hand variant B to the nodes and route ``share`` of ``deployment``'s traffic to it."""
-    dep = await find_deployment(mesh, deployment)
+    dep = await mesh.find(deployment)
     version = await _hand_out(mesh, dep, package, newer=False)
     body = {"action": "start", "name": deployment, "version": version, "share": share, "by": by}
     return await _ask(mesh, str(dep["entry"]), "ab", body)
@@ -125,5 +117,5 @@ async def ab_action(mesh: Mesh, deployment: str, action: str) -> dict[str, Any]:
     """``report`` or ``stop`` of ``deployment``'s A/B test."""
     if action not in ("report", "stop"):
         raise ConfigError(f"unknown ab action {action!r}")
-    dep = await find_deployment(mesh, deployment)
+    dep = await mesh.find(deployment)
     return await _ask(mesh, str(dep["entry"]), "ab", {"action": action, "name": deployment})

@@ -50,6 +50,7 @@ __all__ = [
     "VersionDeployer",
     "activate_everywhere",
     "prediction_drift",
+    "serve_beside",
 ]
 
 #: Samples per observed class each version needs before the drift gate is judged.
@@ -78,6 +79,20 @@ def prediction_drift(old: VersionWindow, new: VersionWindow) -> float | None:
     a, b = collections.Counter(old.predicted), collections.Counter(new.predicted)
     na, nb = len(old.predicted), len(new.predicted)
     return round(0.5 * sum(abs(a[k] / na - b[k] / nb) for k in classes), 6)
+
+
+async def serve_beside(
+    pipe: Pipeline, deployer: VersionDeployer, version: str, share: float, by: str, salt: str
+) -> Generation:
+    """Deploy ``version`` as a whole generation and serve ``share`` of new requests with it, drawn by
+    ``by`` with ``salt`` (the generation is released again if it cannot serve)."""
+    gen = await deployer.deploy_version(pipe, version)
+    try:
+        pipe.start_variant(gen, share, by, salt=salt)
+    except MeshaiError:
+        await pipe.discard(gen)
+        raise
+    return gen
 
 
 def _metrics(w: VersionWindow, drift: float | None = None) -> VersionMetrics:
@@ -122,13 +137,9 @@ class RolloutRunner:
         """Deploy the new version beside the old one and send the first stage's share to it."""
         if self.new_version == self.old_version:
             raise DeploymentError(f"{self.pipe.name!r} already runs version {self.new_version!r}")
-        gen = await self.deployer.deploy_version(self.pipe, self.new_version)
-        try:
-            self.pipe.start_variant(gen, 0.0, self.by, salt=f"{self.pipe.name}@{self.new_version}")
-        except MeshaiError:
-            await self.pipe._undeploy(gen)
-            self.pipe._retire(gen)
-            raise
+        await serve_beside(
+            self.pipe, self.deployer, self.new_version, 0.0, self.by, f"{self.pipe.name}@{self.new_version}"
+        )
         n = self.config.min_samples
         recent = [
             r[1] for r in list(self.pipe.outcomes.get(self.old_version, ()))[-2 * n :] if r[1] is not None
@@ -269,13 +280,14 @@ class ABTest:
         """Deploy B beside A and route ``share`` of new requests to it."""
         if self.version_b == self.version_a:
             raise DeploymentError(f"{self.pipe.name!r} already runs version {self.version_b!r}")
-        gen = await self.deployer.deploy_version(self.pipe, self.version_b)
-        try:
-            self.pipe.start_variant(gen, self.share, self.by, salt=f"{self.pipe.name}@ab{self.version_b}")
-        except MeshaiError:
-            await self.pipe._undeploy(gen)
-            self.pipe._retire(gen)
-            raise
+        await serve_beside(
+            self.pipe,
+            self.deployer,
+            self.version_b,
+            self.share,
+            self.by,
+            f"{self.pipe.name}@ab{self.version_b}",
+        )
         self.since = time.perf_counter()
 
     def stop(self) -> None:
@@ -387,7 +399,7 @@ class MeshVersions:
         try:
             await self.mesh._deploy_generation(pipe, gen, loaded, package, has)
         except BaseException:
-            pipe._retire(gen)
+            await pipe.discard(gen)
             raise
         return gen
 

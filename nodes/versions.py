@@ -56,7 +56,7 @@ class EntryVersions:
         try:
             await pipe.deploy(None, package=ref, gen=gen)
         except BaseException:
-            pipe._retire(gen)
+            await pipe.discard(gen)
             raise
         return gen
 
@@ -152,6 +152,7 @@ async def _signed_rollback(
 ) -> dict[str, Any]:
     """Go back to the version a fleet-signed rollback instruction names (see the module doc)."""
     from meshai.packages import RollbackInstruction
+    from meshai.rollouts import serve_beside
 
     instr = RollbackInstruction.from_dict(instruction)
     if instr.name != deployer.name:
@@ -176,8 +177,7 @@ async def _signed_rollback(
             pipe.restore_previous()
             switched = "switched to the previous version, still loaded"
         else:
-            gen = await deployer.deploy_version(pipe, instr.version)
-            pipe.start_variant(gen, 0.0)
+            await serve_beside(pipe, deployer, instr.version, 0.0, "request", pipe.name)
             pipe.promote_variant(keep_previous=False)
             switched = "deployed and switched"
     deployer.supervisor.package = instr.ref

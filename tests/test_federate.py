@@ -171,6 +171,23 @@ def test_the_new_package_is_the_next_signed_version_with_only_the_head_changed(
     assert all(olds[n].dtype == news[n].dtype and olds[n].shape == news[n].shape for n in HEAD)
 
 
+def test_federate_hands_the_new_version_to_a_staged_rollout(swarm: Swarm, federated: dict[str, Any]) -> None:
+    """``--rollout 50%,100%``: the new version goes to the nodes and starts as a canary on the
+    deployment's entry (it waits for traffic to judge); the operator rolls it back without a key (the
+    canary never became the active version)."""
+    r = swarm.federate(
+        "--rounds", "1", "--epochs", "1", "--out", str(swarm.work / "new2.pkg"), "--version", "1.0.2",
+        "--rollout", "50%,100%", "--bake", "1s", *swarm.flags(), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    st = json.loads(r.stdout)["rollout"]
+    assert (st["old_version"], st["new_version"], st["status"]) == ("1", "1.0.2", "baking")
+    assert st["steps"][0]["share"] == 0.5 and st["config"]["bake_s"] == 1.0
+    r = meshai("rollout", "rollback", "digits", *swarm.flags(), "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["final"] == "rolled_back"
+
+
 def _audit(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
