@@ -546,6 +546,8 @@ class Pipeline:
         self.variant = gen
         self.variant_lost = ""
         self.generations.append(gen)
+        if self.metrics is not None:
+            self.metrics.declare_model(self.name, gen.version)
         self.split_by = by
         self.split_salt = salt or self.name
         self.set_share(share)
@@ -825,8 +827,8 @@ class Pipeline:
             gen.first_result_at = now
         if started is not None:
             self.stats.latencies_s.append(now - started)
-            if self.metrics is not None:
-                self.metrics.observe_inference(self.name, self.version, now - started, ok=True)
+            if self.metrics is not None:  # latency by the version that served it (a canary's apart)
+                self.metrics.observe_inference(self.name, gen.version, now - started, ok=True)
                 if self._saved_per_request:
                     self.metrics.add_bandwidth_saved(self.name, self._saved_per_request)
         self.stats.last_result = now

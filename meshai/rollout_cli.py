@@ -74,6 +74,8 @@ def ab_table(rep: dict[str, Any]) -> str:
     ]
     for name, t in rep["tests"].items():
         lines.append(f"{name}: {t['reason']}")
+    if rep.get("drift") is not None:
+        lines.append(f"prediction drift of B against A: {rep['drift']:.3g} (total variation)")
     if rep.get("png"):
         lines.append(f"plot: {rep['png']}")
     return "\n".join(lines)

@@ -314,7 +314,8 @@ class ABTest:
 
     def report(self) -> dict[str, Any]:
         """The samples and the tests (latency: Mann–Whitney; error rate and accuracy: two-proportion
-        z-test), with the share of requests B actually got against the share asked for."""
+        z-test), B's prediction drift against A (``prediction_drift``; None on too few samples), and the
+        share of requests B actually got against the share asked for."""
         from scheduler.abtest import compare_latency, compare_rates
 
         s = self.samples()
@@ -333,7 +334,12 @@ class ABTest:
                     a["correct"], a["labelled"], b["correct"], b["labelled"], metric="accuracy"
                 ).to_dict()
         total = a["requests"] + b["requests"]
+        drift = prediction_drift(
+            self.pipe.version_window(self.version_a, self.since),
+            self.pipe.version_window(self.version_b, self.since),
+        )
         return {
+            "drift": drift,
             "deployment": self.pipe.name,
             "split": {
                 "share_b": self.share,
