@@ -55,7 +55,7 @@ class Chaos:
 
     async def _fire(self, f: Fault, pipe: Pipeline) -> None:
         loop = asyncio.get_running_loop()
-        entry: dict[str, Any] = {**f.to_dict(), "t": time.perf_counter(), "generation": pipe.gen.number}
+        entry: dict[str, Any] = {**f.to_dict(), "t": time.perf_counter(), "generation": max(g.number for g in pipe.all_generations())}
         if f.kind == "kill":
             self.procs.kill(f.node, signal.SIGKILL)
         elif f.kind == "pause":
@@ -87,8 +87,8 @@ class Chaos:
         self._undo[f.node] = (loop.call_later(f.seconds, run), undo)
 
     def report(self, pipe: Pipeline) -> list[dict[str, Any]]:
-        """Each fault fired, with ``recovery_s``: from the fault to the first result of a plan deployed
-        after it (None when no new plan served, e.g. a ``slow`` the SLO loop did not act on)."""
+        """Each fault fired, with ``recovery_s``: from the fault to the first result of a plan made
+        after it (a canary already serving does not count) (None when no new plan served, e.g. a ``slow`` the SLO loop did not act on)."""
         out = []
         for e in self.fired:
             after = [g for g in pipe.all_generations() if g.number > e["generation"] and g.first_result_at]
