@@ -137,14 +137,15 @@ class RolloutRunner:
         """Deploy the new version beside the old one and send the first stage's share to it."""
         if self.new_version == self.old_version:
             raise DeploymentError(f"{self.pipe.name!r} already runs version {self.new_version!r}")
-        await serve_beside(
-            self.pipe, self.deployer, self.new_version, 0.0, self.by, f"{self.pipe.name}@{self.new_version}"
-        )
+        # the old version's full-load p95, taken before the canary's deployment loads the nodes
         n = self.config.min_samples
         recent = [
             r[1] for r in list(self.pipe.outcomes.get(self.old_version, ()))[-2 * n :] if r[1] is not None
         ]
         pre = percentiles_ms(recent)["p95"] if len(recent) >= n else None
+        await serve_beside(
+            self.pipe, self.deployer, self.new_version, 0.0, self.by, f"{self.pipe.name}@{self.new_version}"
+        )
         self._apply(*policy.start(self.config, self._now(), pre))
         self._task = asyncio.get_running_loop().create_task(
             self._loop(), name=f"meshai-rollout {self.pipe.name}"

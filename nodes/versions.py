@@ -19,6 +19,7 @@ surface.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -154,6 +155,7 @@ async def _signed_rollback(
     from meshai.packages import RollbackInstruction
     from meshai.rollouts import serve_beside
 
+    t0 = time.perf_counter()
     instr = RollbackInstruction.from_dict(instruction)
     if instr.name != deployer.name:
         raise DeploymentError(
@@ -182,7 +184,14 @@ async def _signed_rollback(
             switched = "deployed and switched"
     deployer.supervisor.package = instr.ref
     out: dict[str, Any] = runner.status() if runner is not None else {"deployment": pipe.name}
-    out.update({"rolled_back_to": instr.ref, "switch": switched, "version": pipe.version})
+    out.update(
+        {
+            "rolled_back_to": instr.ref,
+            "switch": switched,
+            "version": pipe.version,
+            "took_s": round(time.perf_counter() - t0, 4),  # verify, every node's store, switch
+        }
+    )
     return out
 
 

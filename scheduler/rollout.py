@@ -5,9 +5,11 @@ Nothing here performs I/O or reads a clock: time is passed in as ``now`` (monoto
 ``VersionMetrics``, and every answer is data: a new ``RolloutState`` and the ``Decision`` that led to it,
 with a reason a person can read and the gate figures behind it.
 
-A rollout moves the new version onto growing shares of the fleet's pipelines (``RolloutConfig.stages``,
-e.g. 10 %, 50 %, 100 %).  The unit is a whole pipeline (``pipelines_on_new``): every stage of a pipeline
-switches together, so a request never sees two versions.  At each step the new version *bakes* for
+A rollout moves the new version onto growing shares of traffic (``RolloutConfig.stages``, e.g. 10 %,
+50 %, 100 %).  The unit is always a whole pipeline: every stage of a pipeline runs one version, so a
+request never sees two.  ``meshai.rollouts`` serves the new version as a second whole pipeline of the
+same deployment and gives it the share of requests (per request or per robot); a fleet of many
+deployments may instead move whole deployments (``pipelines_on_new``).  At each step the new version *bakes* for
 ``bake_s`` seconds while the executor calls ``decide`` with both versions' metrics over the step's window
 (measured since ``RolloutState.step_started_at``):
 
@@ -302,7 +304,7 @@ class RolloutState:
         return self.status in TERMINAL
 
     def share(self, config: RolloutConfig) -> float:
-        """The fraction of pipelines on the new version in this state."""
+        """The share of traffic (whole pipelines or requests) on the new version in this state."""
         if self.status == "rolled_back" or self.step < 0:
             return 0.0
         if self.status == "completed":
@@ -445,13 +447,13 @@ def _terminal_reason(state: RolloutState) -> str:
 def start(
     config: RolloutConfig, now: float, pre_p95_ms: float | None = None
 ) -> tuple[RolloutState, Decision]:
-    """Begin a rollout: the first stage's share of pipelines goes to the new version and starts baking.
+    """Begin a rollout: the first stage's share of traffic goes to the new version and starts baking.
     ``pre_p95_ms``: the old version's p95 just before (see ``RolloutState``)."""
     at = _num("now", now, -math.inf)
     if pre_p95_ms is not None:
         _num("pre_p95_ms", pre_p95_ms, 0.0)
     share = config.stages[0]
-    d = Decision("advance", 0, share, f"rollout started: {_pct(share)} of pipelines on the new version", at)
+    d = Decision("advance", 0, share, f"rollout started: {_pct(share)} of traffic on the new version", at)
     return _record(RolloutState(pre_p95_ms=pre_p95_ms), d, step=0, status="baking", step_started_at=at)
 
 
