@@ -55,7 +55,11 @@ class Chaos:
 
     async def _fire(self, f: Fault, pipe: Pipeline) -> None:
         loop = asyncio.get_running_loop()
-        entry: dict[str, Any] = {**f.to_dict(), "t": time.perf_counter(), "generation": max(g.number for g in pipe.all_generations())}
+        entry: dict[str, Any] = {
+            **f.to_dict(),
+            "t": time.perf_counter(),
+            "generation": max(g.number for g in pipe.all_generations()),
+        }
         if f.kind == "kill":
             self.procs.kill(f.node, signal.SIGKILL)
         elif f.kind == "pause":
