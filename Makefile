@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.meshai-installed
 
-.PHONY: demo test lint typecheck pytest system-deps clean
+.PHONY: demo test lint typecheck pytest system-deps convert-env clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,10 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy meshai scheduler nodes
 
-pytest: $(STAMP) system-deps
+convert-env:
+	@PYTHON=$(PYTHON) bash scripts/convert-env.sh
+
+pytest: $(STAMP) system-deps convert-env
 	$(VENV)/bin/pytest -q -ra
 
 test: lint typecheck pytest

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -181,6 +182,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
             _emit_json(res)
         else:
             print(recovery_table(res))
+        return 0
+    if args.what == "runtimes":
+        from meshai.bench_runtimes import CNN, bench_runtimes, runtimes_table
+
+        names = (
+            (CNN, "squeezenet")
+            if args.models == "squeezenet,resnet50"
+            else tuple(m.strip() for m in args.models.split(",") if m.strip())
+        )
+        res = bench_runtimes(names, runs=10 * args.repeats)
+        if args.json:
+            _emit_json(res)
+        else:
+            print(runtimes_table(res))
         return 0
     if args.what == "quantize":
         res = bench.bench_quantize()
@@ -360,6 +375,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
     if args.declare_link:
         cap = _declared_link(cap, args.declare_link)
+    from nodes.executors import check_runtimes, detect_runtimes
+
+    runtimes = check_runtimes(args.runtime.split(",")) if args.runtime else detect_runtimes()
+    cap = dataclasses.replace(cap, runtimes=runtimes)
     peers = tuple(p for p in args.peers.split(",") if p) if args.peers else ()
     if args.identity and args.insecure:
         raise ConfigError("give either --identity or --insecure, not both")
@@ -791,6 +810,7 @@ def cmd_sim(args: argparse.Namespace) -> int:
         rollout_stages=args.rollout_stages,
         rollout_at=args.rollout_at,
         max_p95_regression=args.max_p95_regression,
+        runtimes=tuple(r for r in (args.runtimes or "").split(",") if r),
     )
     _warn_insecure(args)
     import signal
@@ -838,7 +858,9 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     pl.set_defaults(func=cmd_plan)
 
     be = sub.add_parser("bench", help="benchmarks, with ratios against a baseline measured in the same run")
-    be.add_argument("what", choices=["plan", "transport", "pipeline", "ray", "quantize", "recovery"])
+    be.add_argument(
+        "what", choices=["plan", "transport", "pipeline", "ray", "quantize", "recovery", "runtimes"]
+    )
     be.add_argument(
         "--kills", type=_positive_int, default=10, help="recovery: rounds, one kill each (default 10)"
     )
@@ -846,7 +868,10 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
         "--cases", type=_positive_int, default=300, help="plan: random DAGs for the quality check"
     )
     be.add_argument(
-        "--repeats", type=_positive_int, default=5, help="plan, transport: timed runs (default 5)"
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="plan, transport: timed runs; runtimes: 10x this per stage (default 5)",
     )
     be.add_argument(
         "--sizes",
@@ -958,6 +983,12 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     nd.add_argument(
         "--audit-log", metavar="FILE", help="append one JSON line per message sent (kinds, shapes, sizes)"
     )
+    nd.add_argument(
+        "--runtime",
+        metavar="R[,R…]",
+        help="the runtimes this node offers, preferred first: onnxruntime, ort-mobile, litert "
+        "(default: every one installed here)",
+    )
     nd.add_argument("--json", action="store_true", help="print the ready line as JSON")
     nd.set_defaults(func=cmd_node)
 
@@ -1056,6 +1087,11 @@ def build_parser(with_security: bool = True) -> argparse.ArgumentParser:
     si.add_argument("--ray-address", metavar="ADDRESS", help="a Ray cluster (default: an embedded local one)")
     si.add_argument("--ray-actors", type=_positive_int, default=2, help="Ray actors (default 2)")
     si.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of the embedded Ray (default 2)")
+    si.add_argument(
+        "--runtimes",
+        metavar="R,R,…",
+        help="node i runs only the i-th runtime (onnxruntime, ort-mobile, litert); stages are converted for it",
+    )
     _fault_flags(si)
     si.add_argument("--json", action="store_true")
     si.set_defaults(func=cmd_sim)

@@ -237,6 +237,7 @@ class Mesh:
         batch: int = 1,
         quantization: Quantization | None = None,
         max_accuracy_drop: float | None = None,
+        artifacts: Mapping[str, Mapping[frozenset[str], bool]] | None = None,
     ) -> tuple[Plan, LoadedModel]:
         """Plan ``model`` over the connected nodes (pure planner; nothing is deployed).
 
@@ -248,12 +249,24 @@ class Mesh:
         if not caps:
             raise PeerError("no nodes connected: call wait_for_peers() first")
         constraints = Constraints(
-            objective=objective, stages=stages, pins=dict(pins or {}), max_accuracy_drop=max_accuracy_drop
+            objective=objective,
+            stages=stages,
+            pins=dict(pins or {}),
+            max_accuracy_drop=max_accuracy_drop,
+            artifacts=artifacts,
         )
         self._planned[loaded.name] = (constraints, quantization)
         if quantization is not None:
             return plan_measured(loaded, caps, constraints, quantization), loaded
         return make_plan(loaded, caps, constraints), loaded
+
+    def remember_artifacts(self, model: str, artifacts: Mapping[str, Mapping[frozenset[str], bool]]) -> None:
+        """Plans made for ``model`` from now on (a recovery's) know which cuts each runtime can run."""
+        constraints, quant = self._planned.get(model, (Constraints(), None))
+        self._planned[model] = (
+            dataclasses.replace(constraints, artifacts=artifacts, artifacts_only=True),
+            quant,
+        )
 
     def _tensor_bytes(self, plan: Plan, model: LoadedModel | None) -> dict[str, int] | None:
         """Sizes of the tensors a plan moves (at the planning batch), for bandwidth accounting."""

@@ -222,6 +222,12 @@ class Constraints:
     whole_int8_drop_pts: float | None = None
     max_accuracy_drop: float | None = None
     int8_blocked: str = ""  # set by the planner: which constraint ruled int8 out, for its messages
+    # stages converted for runtimes other than onnxruntime, as measured when the package was built:
+    # runtime -> {the op names of a cut: whether it converted and agreed}.  A node without onnxruntime
+    # never takes a cut measured bad for its runtimes; with ``artifacts_only`` it takes only cuts
+    # measured good (a package's artifacts are all there is).  None: nothing measured yet
+    artifacts: Mapping[str, Mapping[frozenset[str], bool]] | None = None
+    artifacts_only: bool = False
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

@@ -29,6 +29,7 @@ import numpy as np
 from meshai.errors import ConfigError, MeshaiError, PeerError, check_min
 from meshai.faults import Fault
 from meshai.progress import Progress
+from meshai.sim_runtimes import needs_artifacts
 
 #: Drift at the sim's entry: reference from the first DRIFT_WARMUP requests (unless --reference),
 #: scores over the last DRIFT_WINDOW; the default thresholds are calibrated for these sizes.
@@ -88,6 +89,8 @@ class SimOptions:
     rollout_stages: str = "25%,50%,100%"
     rollout_at: int | None = None
     max_p95_regression: str = "25%"
+    # node i runs only the i-th runtime (onnxruntime, ort-mobile, litert); stages are converted for them
+    runtimes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.netns and self.offload:
@@ -114,6 +117,20 @@ class SimOptions:
             raise ConfigError(f"--rate must be a positive number of requests per second, got {self.rate}")
         if not (0.01 <= self.canary_slowdown <= 1000):
             raise ConfigError(f"--canary-slowdown must be in [0.01, 1000], got {self.canary_slowdown}")
+        if self.runtimes:
+            from nodes.executors import RUNTIMES
+
+            if len(self.runtimes) != self.nodes:
+                raise ConfigError(
+                    f"--runtimes names {len(self.runtimes)} runtimes but --nodes is {self.nodes}"
+                )
+            bad = [r for r in self.runtimes if r not in RUNTIMES]
+            if bad:
+                raise ConfigError(f"unknown runtime {bad[0]!r} in --runtimes (known: {', '.join(RUNTIMES)})")
+            if self.insecure and any(r != "onnxruntime" for r in self.runtimes):
+                raise ConfigError(
+                    "--runtimes other than onnxruntime load converted stages from a signed package: drop --insecure"
+                )
         if self.rollout_to is None:
             if self.canary_slowdown != 1.0 or self.rollout_at is not None:
                 raise ConfigError("--canary-slowdown and --rollout-at apply only with --rollout-to MODEL2")
@@ -216,8 +233,10 @@ class NodeProcesses:
         extra: Sequence[str] = (),
         identities: Path | None = None,
         network: Any = None,
+        runtimes: Sequence[str] = (),
     ) -> None:
         self.identities = identities  # a directory holding one identity directory per node name
+        self.runtimes = dict(zip(names, runtimes, strict=False))  # node -> its one runtime (--runtimes)
         self.network = network  # a meshai.netns.SimNetwork: each node in its own namespace
         self.names = list(names)
         self.profiles = list(profiles)
@@ -242,6 +261,8 @@ class NodeProcesses:
             args += ["--identity", str(self.identities / name)]
         else:
             args.append("--insecure")
+        if name in self.runtimes:
+            args += ["--runtime", self.runtimes[name]]
         return args + self.extra
 
     def __enter__(self) -> NodeProcesses:
@@ -475,7 +496,15 @@ async def _run_sim(
         ray_model = stack.enter_context(_ray_model(opts, loaded))
         procs = stack.enter_context(
             NodeProcesses(
-                names, profiles, mesh_id, opts.pace, opts.profiles_file, extra, identities, network=network
+                names,
+                profiles,
+                mesh_id,
+                opts.pace,
+                opts.profiles_file,
+                extra,
+                identities,
+                network=network,
+                runtimes=opts.runtimes,
             )
         )
         if network is not None:
@@ -505,15 +534,38 @@ async def _run_sim(
                         procs.check_alive()
                         raise
             discovery_s = time.monotonic() - procs.started_at
-            plan, _ = mesh.plan(
-                loaded,
-                objective=opts.objective,
-                stages=opts.stages,
-                pins=opts.pins,
-                nodes=names,
-                quantization=quant,
-                max_accuracy_drop=opts.max_accuracy_drop,
-            )
+
+            def make_plan(artifacts: Any = None) -> Any:
+                return mesh.plan(
+                    loaded,
+                    objective=opts.objective,
+                    stages=opts.stages,
+                    pins=opts.pins,
+                    nodes=names,
+                    quantization=quant,
+                    max_accuracy_drop=opts.max_accuracy_drop,
+                    artifacts=artifacts,
+                )[0]
+
+            plan = make_plan()
+            runtimes_report = None
+            if opts.runtimes and needs_artifacts(opts.runtimes) and package is not None:
+                # convert the stages that land on nodes without onnxruntime, measure them, hand the
+                # measurements to the planner; the package then carries the artifacts
+                from meshai.sim_runtimes import plan_for_runtimes
+
+                node_rt = {n: (r,) for n, r in zip(names, opts.runtimes, strict=True)}
+                plan, arts, runtimes_report = await plan_for_runtimes(
+                    loaded,
+                    plan,
+                    node_rt,
+                    requests,
+                    make_plan,
+                    lambda t: mesh.remember_artifacts(loaded.name, t),
+                )
+                package = sec.package(
+                    resolve_model(opts.model), loaded.name, extra={**extra_files, **arts.package_files()}
+                )
             results: list[dict[str, np.ndarray] | BaseException] = []
             from meshai.chaos import Chaos
             from meshai.faults import resolve
@@ -574,6 +626,8 @@ async def _run_sim(
                 drifted = pipe.drift.drifted() if pipe.drift is not None else []
                 bytes_sent = sum(c.bytes_sent for c in mesh.pool.live().values()) - sent0
                 node_bytes = await _node_bytes(mesh, names)
+                if runtimes_report is not None:  # what each node says it loaded its stage on
+                    runtimes_report["loaded"] = await _loaded_runtimes(mesh, names, pipe.stage_deployment)
                 failed = sum(isinstance(r, BaseException) for r in results)
                 resilience = _resilience(pipe, chaos, failed + len(requests) - len(results))
                 rollout_report = (
@@ -637,6 +691,8 @@ async def _run_sim(
     }
     if rollout_report is not None:
         report["rollout"] = rollout_report
+    if runtimes_report is not None:
+        report["runtimes"] = runtimes_report
     if quant is not None:
         report["precision"] = _precision_report(loaded, plan, quant, requests, results, fp32)
     if first_error:
@@ -788,6 +844,17 @@ def _drift_max(scores: dict[str, Any]) -> dict[str, float]:
         for by_method in group.values():
             for method, v in by_method.items():
                 out[method] = max(out.get(method, 0.0), round(float(v), 6))
+    return out
+
+
+async def _loaded_runtimes(mesh: Any, names: Sequence[str], deployment: str) -> dict[str, str]:
+    """Stage id → the runtime its node reports having loaded it on."""
+    out: dict[str, str] = {}
+    for n in names:
+        with contextlib.suppress(MeshaiError):
+            for st in (await mesh.status(n)).get("stages", []):
+                if st.get("deployment") == deployment:
+                    out[str(st["stage"])] = str(st.get("runtime"))
     return out
 
 

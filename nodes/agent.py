@@ -55,7 +55,7 @@ from meshai.transport import Channel, ChannelOptions, Server
 
 if TYPE_CHECKING:
     from meshai.security import Trust
-    from nodes.executor import StageSession
+    from nodes.executors.base import StageRunner
     from nodes.store import ModelStore
 
 # onnx, onnxruntime and the scheduler are imported on the first deploy, so that a node starts
@@ -103,7 +103,7 @@ class _Stage:
     deployment: str
     stage_id: int
     name: str
-    session: StageSession
+    session: StageRunner
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     precision: str
@@ -200,6 +200,7 @@ class NodeAgent:
         self._store_tmp: str | None = None
         # ref -> (normalized model, GraphIR, calibration JSON or None)
         self._package_graphs: dict[str, tuple[Any, Any, bytes | None]] = {}
+        self._package_files: dict[str, dict[str, bytes]] = {}
         self._channel_options: ChannelOptions = {}
         self._audit: Any = None
         if config.audit_log:  # every message this node puts on the wire, recorded by the transport
@@ -486,6 +487,7 @@ class NodeAgent:
             whole = normalize_model(model_from_bytes(opened.model(), f"package {ref}"))
             cached = (whole, build_graph(whole, name), opened.files.get(CALIBRATION_FILE))
             self._package_graphs = {ref: cached}  # keep one whole model in memory at most
+            self._package_files = {ref: dict(opened.files)}
         return cached
 
     def _check_profile(self, msg: Deploy, model: Any) -> str:
@@ -537,9 +539,43 @@ class NodeAgent:
             return None
         return st if st.precision == str(msg.options.get("precision", "fp32")) else None
 
-    async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
+    def _runner(self, msg: Deploy, model: Any) -> StageRunner:
+        """The stage loaded on the first of this node's runtimes that can run it: onnxruntime on the ONNX
+        stage itself, ORT Mobile or LiteRT on the stage's artifact in the package (found by its cut)."""
         from nodes.executor import StageSession
+        from nodes.executors import artifact_path, cut_key
 
+        name = f"stage {msg.stage_id} of {msg.deployment} on {self.name}"
+        runtimes = self.config.capability.runtimes
+        if "onnxruntime" in runtimes:
+            return StageSession(model, self.config.providers, self.config.threads, name)
+        only = f"node {self.name!r} runs only {', '.join(runtimes)}"
+        if not msg.package:
+            raise DeploymentError(
+                f"{only}: stage {msg.stage_id} came as a raw model, not as a package's artifact"
+            )
+        key = cut_key(msg.cut_inputs or msg.inputs, msg.cut_outputs or msg.outputs)
+        files = self.package_files(msg.package)
+        precision = str(msg.options.get("precision", "fp32"))
+        for runtime in runtimes:
+            data = files.get(artifact_path(key, runtime, precision))
+            if data is None:
+                continue
+            if runtime == "ort-mobile":
+                return StageSession(data, self.config.providers, self.config.threads, name, ort_format=True)
+            from nodes.executors.litert import LiteRtSession
+
+            return LiteRtSession(data, model, self.config.threads, name)
+        raise DeploymentError(
+            f"{only}, and package {msg.package} carries no artifact of stage {msg.stage_id} (cut {key}) for it"
+        )
+
+    def package_files(self, ref: str) -> dict[str, bytes]:
+        """Every file of a stored package (verified, decrypted in memory; the last one opened is cached)."""
+        self.package_graph(ref)
+        return self._package_files.get(ref, {})
+
+    async def _deploy(self, peer: str, msg: Deploy) -> Deployed:
         if self.config.entry_only:
             return Deployed(
                 msg.deployment, msg.stage_id, False, f"node {self.name!r} hosts entries only (--entry-only)"
@@ -550,13 +586,7 @@ class NodeAgent:
                 session = reuse.session
             else:
                 model = await asyncio.to_thread(self._prepare, msg)
-                session = await asyncio.to_thread(
-                    StageSession,
-                    model,
-                    self.config.providers,
-                    self.config.threads,
-                    f"stage {msg.stage_id} of {msg.deployment} on {self.name}",
-                )
+                session = await asyncio.to_thread(self._runner, msg, model)
                 # one run on zeros before the first request (onnxruntime allocates on its first run),
                 # so that a stage — a canary's, say — is not judged on its cold start
                 with contextlib.suppress(MeshaiError):
@@ -947,6 +977,7 @@ class NodeAgent:
                     "deployment": s.deployment,
                     "name": s.name,
                     "stage": s.stage_id,
+                    "runtime": getattr(s.session, "runtime", "onnxruntime"),
                     "served": s.served,
                     "busy_s": round(s.busy_s, 6),
                     "pending": len(s.pending),

@@ -27,6 +27,7 @@ __all__ = [
     "CUDA",
     "StageLike",
     "StageSession",
+    "check_feeds",
     "choose_providers",
     "run_stages",
     "run_whole",
@@ -109,15 +110,20 @@ class StageSession:
         providers: Sequence[str] | None = None,
         threads: int = 1,
         name: str = "stage",
+        *,
+        ort_format: bool = False,
     ) -> None:
-        """Create the session from serialized bytes or a ModelProto; failures raise InferenceError."""
+        """Create the session from serialized bytes or a ModelProto; failures raise InferenceError.
+        ``ort_format``: the bytes are an ORT Mobile ``.ort`` model (``runtime`` is then ``ort-mobile``)."""
         self.name = name
+        self.runtime = "ort-mobile" if ort_format else "onnxruntime"
         data = model.SerializeToString() if isinstance(model, onnx.ModelProto) else bytes(model)
         chosen = choose_providers(providers)
+        so = session_options(threads)
+        if ort_format:
+            so.add_session_config_entry("session.load_model_format", "ORT")
         try:
-            self._session = ort.InferenceSession(
-                data, sess_options=session_options(threads), providers=chosen
-            )
+            self._session = ort.InferenceSession(data, sess_options=so, providers=chosen)
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise InferenceError(f"{name}: onnxruntime cannot load the model: {first_line(exc)}") from None
         self.providers: tuple[str, ...] = tuple(self._session.get_providers())
@@ -130,7 +136,9 @@ class StageSession:
         # onnxruntime shows an unknown shape and a scalar both as []; ask the model when that happens
         shapes: dict[str, tuple[int | str | None, ...] | None] = {i.name: tuple(i.shape) for i in ins}
         ambiguous = [n for n, s in shapes.items() if s == ()]
-        if ambiguous:
+        if ambiguous and ort_format:  # an .ort file is no ModelProto to ask: leave those unchecked
+            shapes.update(dict.fromkeys(ambiguous))
+        elif ambiguous:
             proto = model if isinstance(model, onnx.ModelProto) else onnx.load_from_string(data)
             ranks = _input_ranks(proto)
             for n in ambiguous:
@@ -143,43 +151,7 @@ class StageSession:
 
     def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """The feeds as contiguous arrays, or InferenceError naming the first bad tensor."""
-        missing = [n for n in self.input_names if n not in feeds]
-        if missing:
-            raise InferenceError(f"{self.name}: input {missing[0]!r} is missing from the feeds")
-        unknown = [n for n in feeds if n not in self.input_dtypes]
-        if unknown:
-            raise InferenceError(
-                f"{self.name}: feed {unknown[0]!r} is not an input (inputs: {', '.join(self.input_names)})"
-            )
-        out: dict[str, np.ndarray] = {}
-        for n in self.input_names:
-            arr = feeds[n]
-            if not isinstance(arr, np.ndarray):
-                raise InferenceError(f"{self.name}: input {n!r} is a {type(arr).__name__}, not a numpy array")
-            want = self.input_dtypes[n]
-            if want is None:
-                pass  # a type this wrapper does not map: let onnxruntime judge it
-            elif want == np.dtype(object):
-                if arr.dtype.kind not in "OUS":
-                    raise InferenceError(f"{self.name}: input {n!r} must hold strings, got dtype {arr.dtype}")
-            elif arr.dtype != want:
-                raise InferenceError(f"{self.name}: input {n!r} must have dtype {want}, got {arr.dtype}")
-            shape = self.input_shapes[n]
-            if shape is not None:
-                if arr.ndim != len(shape):
-                    raise InferenceError(
-                        f"{self.name}: input {n!r} must have rank {len(shape)} {_fmt(shape)}, "
-                        f"got shape {arr.shape}"
-                    )
-                for axis, (want_d, got_d) in enumerate(zip(shape, arr.shape, strict=True)):
-                    if isinstance(want_d, int) and want_d != got_d:
-                        raise InferenceError(
-                            f"{self.name}: input {n!r} must have shape {_fmt(shape)}, got {arr.shape} "
-                            f"(axis {axis})"
-                        )
-            # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
-            out[n] = arr if arr.flags.c_contiguous else arr.copy(order="C")
-        return out
+        return check_feeds(self.name, feeds, self.input_names, self.input_dtypes, self.input_shapes)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once on checked feeds; returns every output by name; failures raise InferenceError."""
@@ -203,6 +175,53 @@ class StageSession:
             feeds[n] = np.full(dims, "", dtype=object) if dtype == np.dtype(object) else np.zeros(dims, dtype)
         for _ in range(max(1, runs)):
             self.run(feeds)
+
+
+def check_feeds(
+    name: str,
+    feeds: Mapping[str, Any],
+    input_names: Sequence[str],
+    dtypes: Mapping[str, np.dtype[Any] | None],
+    shapes: Mapping[str, tuple[int | str | None, ...] | None],
+) -> dict[str, np.ndarray]:
+    """Stage ``name``'s feeds checked against its inputs (names; dtype per name, None = unchecked; shape
+    per name, symbolic dims and None unchecked) as C-contiguous arrays, or InferenceError naming the first
+    bad tensor.  Every runner calls this before its runtime sees a feed."""
+    missing = [n for n in input_names if n not in feeds]
+    if missing:
+        raise InferenceError(f"{name}: input {missing[0]!r} is missing from the feeds")
+    unknown = [n for n in feeds if n not in input_names]
+    if unknown:
+        raise InferenceError(
+            f"{name}: feed {unknown[0]!r} is not an input (inputs: {', '.join(input_names)})"
+        )
+    out: dict[str, np.ndarray] = {}
+    for n in input_names:
+        arr = feeds[n]
+        if not isinstance(arr, np.ndarray):
+            raise InferenceError(f"{name}: input {n!r} is a {type(arr).__name__}, not a numpy array")
+        want = dtypes[n]
+        if want is None:
+            pass  # a type this wrapper does not map: let the runtime judge it
+        elif want == np.dtype(object):
+            if arr.dtype.kind not in "OUS":
+                raise InferenceError(f"{name}: input {n!r} must hold strings, got dtype {arr.dtype}")
+        elif arr.dtype != want:
+            raise InferenceError(f"{name}: input {n!r} must have dtype {want}, got {arr.dtype}")
+        shape = shapes[n]
+        if shape is not None:
+            if arr.ndim != len(shape):
+                raise InferenceError(
+                    f"{name}: input {n!r} must have rank {len(shape)} {_fmt(shape)}, got shape {arr.shape}"
+                )
+            for axis, (want_d, got_d) in enumerate(zip(shape, arr.shape, strict=True)):
+                if isinstance(want_d, int) and want_d != got_d:
+                    raise InferenceError(
+                        f"{name}: input {n!r} must have shape {_fmt(shape)}, got {arr.shape} (axis {axis})"
+                    )
+        # not np.ascontiguousarray: it turns a 0-d array into shape (1,)
+        out[n] = arr if arr.flags.c_contiguous else arr.copy(order="C")
+    return out
 
 
 def _fmt(shape: Sequence[int | str | None]) -> str:

@@ -320,7 +320,18 @@ def evaluate(ctx: CostContext, assignment: Sequence[int]) -> Evaluation:
     specs = split_stages(g, assignment, order)
     mems: list[int] = []
     params: list[int] = []
+    arts = ctx.constraints.artifacts
     for s in specs:
+        node = ctx.nodes[s.device]
+        if arts is not None and "onnxruntime" not in node.runtimes:
+            ops = frozenset(g.ops[p].name for p in s.ops)
+            verdicts = [arts.get(r, {}).get(ops) for r in node.runtimes]
+            unknown_ok = not ctx.constraints.artifacts_only and None in verdicts
+            if True not in verdicts and not unknown_ok:
+                reasons.append(
+                    f"node {names[s.device]!r} runs only {', '.join(node.runtimes)}, and that stage "
+                    f"({len(ops)} ops) {'did not convert or agree' if False in verdicts else 'has no artifact'} for it"
+                )
         prec = ctx.precision[s.device] or "fp32"
         mem, par = stage_memory(ctx, s, PRECISION_SCALE.get(prec, 1.0))
         cap = ctx.nodes[s.device].profile.memory_bytes
