@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from meshai.errors import MeshaiError, ModelError
-from nodes.executors import artifact_path, cut_key
+from meshai.errors import ConfigError, MeshaiError, ModelError
+from nodes.executors import RUNTIMES_FILE, artifact_path, cut_key, planner_artifacts
 
 if TYPE_CHECKING:
     import onnx
@@ -40,13 +40,13 @@ __all__ = [
     "TOLERANCE",
     "Artifacts",
     "artifact_path",
+    "artifacts_for_plan",
     "build_artifacts",
     "cut_key",
     "planner_artifacts",
     "to_ort",
 ]
 
-RUNTIMES_FILE = "runtimes.json"
 #: Largest output difference from onnxruntime a converted stage may show, per artifact, relative to the
 #: largest output magnitude when that exceeds 1 (absolute below).
 TOLERANCE = {"ort-mobile": 1e-4, "litert-fp32": 1e-4, "litert-fp16": 5e-2}
@@ -229,15 +229,32 @@ def build_artifacts(
     return out
 
 
-def planner_artifacts(table: Mapping[str, Any]) -> dict[str, dict[frozenset[str], bool]]:
-    """``runtimes.json`` as the planner's data: per runtime, the op sets of the cuts it was measured on
-    and whether it runs them (litert counts when its fp32 artifact agreed)."""
-    out: dict[str, dict[frozenset[str], bool]] = {}
-    for st in dict(table.get("stages", {})).values():
-        ops = frozenset(str(o) for o in st.get("ops", ()))
-        for what, a in dict(st.get("artifacts", {})).items():
-            runtime = "litert" if what.startswith("litert") else what
-            if what == "litert-fp16":
-                continue
-            out.setdefault(runtime, {})[ops] = bool(a.get("ok"))
-    return out
+def artifacts_for_plan(
+    model: str, plan_file: str, runtimes: Sequence[str], samples: int = 8, seed: int = 0
+) -> Artifacts:
+    """``meshai package build --runtimes … --plan PLAN.json``: every stage of a saved plan (``meshai
+    plan --json``) converted for each runtime and measured on ``samples`` random requests."""
+    from meshai.plan import Plan
+    from meshai.planning import load_for_planning
+    from meshai.tensors import random_inputs, request_slices
+    from nodes.executors import RUNTIMES
+
+    bad = [r for r in runtimes if r not in RUNTIMES or r == "onnxruntime"]
+    if bad:
+        raise ConfigError(
+            f"--runtimes takes ort-mobile and litert (onnxruntime needs no artifact), got {bad[0]!r}"
+        )
+    try:
+        text = Path(plan_file).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read --plan {plan_file!r}: {exc.strerror}") from None
+    plan = Plan.from_json(text)
+    loaded = load_for_planning(model)
+    known = {op.name for op in loaded.graph.ops}
+    missing = [o for s in plan.stages for o in s.ops if o not in known]
+    if missing:
+        raise ConfigError(
+            f"--plan {plan_file!r} names op {missing[0]!r}, which model {loaded.name!r} does not have"
+        )
+    reqs = request_slices(random_inputs(loaded.model, seed=seed, requests=samples))
+    return build_artifacts(loaded, plan, {}, reqs, every=runtimes)

@@ -313,8 +313,9 @@ async def _gather_peers(mesh: Any, args: argparse.Namespace) -> dict[str, Any]:
     return peers
 
 
-def _has_cuda_provider() -> bool:
-    """Whether onnxruntime's CUDA provider library is installed (without importing onnxruntime: fast start)."""
+def _has_provider_library(kind: str = "cuda") -> bool:
+    """Whether onnxruntime's ``kind`` (cuda, tensorrt) provider library is installed (without importing
+    onnxruntime: fast start)."""
     import importlib.util
     from pathlib import Path
 
@@ -322,9 +323,21 @@ def _has_cuda_provider() -> bool:
     if spec is None or not spec.submodule_search_locations:
         return False
     return any(
-        (Path(d) / "capi" / "libonnxruntime_providers_cuda.so").exists()
+        (Path(d) / "capi" / f"libonnxruntime_providers_{kind}.so").exists()
         for d in spec.submodule_search_locations
     )
+
+
+def _has_cuda_provider() -> bool:
+    """Whether onnxruntime's CUDA provider library is installed."""
+    return _has_provider_library("cuda")
+
+
+def _gpu_providers() -> tuple[str, ...]:
+    """A gpu node's onnxruntime providers, fastest first: TensorRT where its library is installed, CUDA,
+    then CPU for what neither runs (the session skips any this host cannot load)."""
+    trt = ("TensorrtExecutionProvider",) if _has_provider_library("tensorrt") else ()
+    return (*trt, "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 def _declared_link(cap: Any, spec: str) -> Any:
@@ -371,7 +384,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         extra = load_profiles(args.profiles_file) if args.profiles_file else None
         profile = resolve_profiles([args.profile], extra)[0]
         gpu = profile.kind == "gpu" and "gpu" in physical
-        providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if gpu else ("CPUExecutionProvider",)
+        providers = _gpu_providers() if gpu else ("CPUExecutionProvider",)
         cap = NodeCapability(args.name, profile, emulated=profile.kind not in physical, providers=providers)
     if args.declare_link:
         cap = _declared_link(cap, args.declare_link)
@@ -533,9 +546,41 @@ def _package(args: argparse.Namespace, loaded: Any) -> tuple[bytes, str] | None:
     return data, manifest.ref
 
 
+def _plan_with_package(
+    args: argparse.Namespace, mesh: Any, loaded: Any
+) -> tuple[Any, tuple[bytes, str] | None]:
+    """``meshai run`` / ``deploy``: the plan over the connected nodes (knowing which stages the
+    ``--package`` carries converted for runtime-only nodes) and the package."""
+    from meshai.planning import parse_pins
+
+    package = _package(args, loaded)
+    arts = _package_artifacts(package)
+    plan, _ = mesh.plan(
+        loaded,
+        objective=args.objective,
+        stages=args.stages,
+        pins=parse_pins(args.pin or []),
+        artifacts=arts,
+        artifacts_only=arts is not None,
+    )
+    return plan, package
+
+
+def _package_artifacts(package: tuple[bytes, str] | None) -> Any:
+    """The converted stages a plain (unencrypted) package says it carries, as planner data (None when it
+    carries none, or is encrypted: then the nodes alone know, and refuse a cut they have no artifact for)."""
+    if package is None:
+        return None
+    from meshai.packages import peek_file
+    from nodes.executors import RUNTIMES_FILE, planner_artifacts
+
+    raw = peek_file(package[0], RUNTIMES_FILE)
+    return None if raw is None else planner_artifacts(json.loads(raw))
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Plan over the discovered swarm, deploy, run the requests in --inputs, report."""
-    from meshai.planning import load_for_planning, parse_pins
+    from meshai.planning import load_for_planning
     from meshai.tensors import load_npz, request_slices, save_npz, stack_requests
 
     loaded = load_for_planning(args.model)
@@ -544,11 +589,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     async def go() -> dict[str, Any]:
         async with _mesh(args) as mesh:
             await _gather_peers(mesh, args)
-            plan, _ = mesh.plan(
-                loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
-            )
+            plan, package = _plan_with_package(args, mesh, loaded)
             outs: list[Any] = []
-            async with mesh.deploy(plan, loaded, package=_package(args, loaded)) as pipe:
+            async with mesh.deploy(plan, loaded, package=package) as pipe:
                 async for o in pipe.stream(reqs):
                     outs.append(o)
                 st = pipe.stats
@@ -584,21 +627,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     """Plan, deploy and leave serving under a name."""
-    from meshai.planning import load_for_planning, parse_pins
+    from meshai.planning import load_for_planning
 
     loaded = load_for_planning(args.model)
 
     async def go() -> dict[str, Any]:
         async with _mesh(args) as mesh:
             await _gather_peers(mesh, args)
-            plan, _ = mesh.plan(
-                loaded, objective=args.objective, stages=args.stages, pins=parse_pins(args.pin or [])
-            )
-            return dict(
-                await mesh.deploy_named(
-                    args.name, plan, loaded, entry=args.entry, package=_package(args, loaded)
-                )
-            )
+            plan, package = _plan_with_package(args, mesh, loaded)
+            return dict(await mesh.deploy_named(args.name, plan, loaded, entry=args.entry, package=package))
 
     rep = _run(go())
     if args.json:

@@ -238,6 +238,7 @@ class Mesh:
         quantization: Quantization | None = None,
         max_accuracy_drop: float | None = None,
         artifacts: Mapping[str, Mapping[frozenset[str], bool]] | None = None,
+        artifacts_only: bool = False,
     ) -> tuple[Plan, LoadedModel]:
         """Plan ``model`` over the connected nodes (pure planner; nothing is deployed).
 
@@ -254,6 +255,7 @@ class Mesh:
             pins=dict(pins or {}),
             max_accuracy_drop=max_accuracy_drop,
             artifacts=artifacts,
+            artifacts_only=artifacts_only,
         )
         self._planned[loaded.name] = (constraints, quantization)
         if quantization is not None:

@@ -94,15 +94,25 @@ def cmd_package_build(args: argparse.Namespace) -> int:
     recipients = None
     if args.encrypt_for is not None:
         recipients = load_recipients([s for s in args.encrypt_for.split(",") if s.strip()])
-    out = build_package(
-        _model_files(args.models), args.name, args.version, args.output, encrypt_for=recipients
-    )
+    files = _model_files(args.models)
+    runtimes: dict[str, Any] | None = None
+    if args.runtimes or args.plan:
+        if not (args.runtimes and args.plan) or len(args.models) != 1:
+            raise ConfigError("--runtimes and --plan go together, with exactly one MODEL")
+        from meshai.artifacts import artifacts_for_plan
+
+        arts = artifacts_for_plan(args.models[0], args.plan, [r for r in args.runtimes.split(",") if r])
+        files.update(arts.package_files())
+        runtimes = {"stages": arts.stages, "failures": arts.failures()}
+    out = build_package(files, args.name, args.version, args.output, encrypt_for=recipients)
     m, _signed = inspect_package(out)
     if args.json:
-        _emit({"package": str(out), **_summary(m)})
+        _emit({"package": str(out), **_summary(m), "runtimes": runtimes})
     else:
         print(f"wrote {out} (unsigned; sign it with 'meshai package sign')")
         print(_text(m))
+        for line in (runtimes or {}).get("failures", []):
+            print(f"not carried: {line}")
     return 0
 
 
@@ -170,6 +180,12 @@ def add_package_parsers(subparsers: Any) -> None:
         metavar="ID1,ID2|DIR",
         help="identity folders, a folder of them, or NAME=X25519_PUB_FILE, comma-separated",
     )
+    b.add_argument(
+        "--runtimes",
+        metavar="R,R",
+        help="also carry each stage of --plan converted for these runtimes (ort-mobile, litert), measured",
+    )
+    b.add_argument("--plan", metavar="PLAN.json", help="the stages to convert ('meshai plan --json')")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_package_build)
 

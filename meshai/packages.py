@@ -961,6 +961,15 @@ def inspect_package(
     return Manifest.from_bytes(arc.manifest), arc.signature is not None
 
 
+def peek_file(pkg: bytes, path: str, *, max_bytes: int = MAX_MODEL_BYTES) -> bytes | None:
+    """File ``path`` of a package as stored — NOT verified — or None when it is absent or encrypted.
+    For hints only (a planner reading which artifacts a package carries); nodes verify everything."""
+    manifest, _signed = inspect_package(pkg, max_bytes=max_bytes)
+    if manifest.encrypted:
+        return None
+    return _read_archive(pkg, max_bytes).files.get(path)
+
+
 def read_signed(path: str | os.PathLike[str], *, max_bytes: int = MAX_MODEL_BYTES) -> tuple[bytes, Manifest]:
     """A package file's bytes and manifest, refused (ConfigError) when unreadable or unsigned.  The
     signature is checked by whoever stores it (the nodes), against the fleet key."""

@@ -45,7 +45,8 @@ async def plan_for_runtimes(
     """The plan whose stages each run on their node's runtime, the artifacts for it, and a report.
     ``replan`` plans again with the measurements (only when a stage failed: a plan whose cuts all
     converted stands); ``remember`` hands them to the planner for later replans (recoveries)."""
-    from meshai.artifacts import Artifacts, build_artifacts, planner_artifacts
+    from meshai.artifacts import Artifacts, build_artifacts
+    from nodes.executors import planner_artifacts
 
     arts = Artifacts()
     t0 = time.perf_counter()

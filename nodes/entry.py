@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshai.capabilities import NodeCapability, capability_from_dict
 from meshai.errors import MeshaiError, PlanError
 from meshai.plan import Constraints, Plan
+from nodes.executors import RUNTIMES_FILE, planner_artifacts
 
 if TYPE_CHECKING:
     from meshai.pipeline import Generation, Pipeline
@@ -85,6 +88,10 @@ class NodeEntrySupervisor:
             )
         _whole, graph, _cal = await asyncio.to_thread(self.agent.package_graph, package)
         constraints = relax_stages(self.constraints, len(caps))
+        table = self.agent.package_files(package).get(RUNTIMES_FILE)
+        if table is not None:  # nodes without onnxruntime take only the cuts converted for them
+            arts = planner_artifacts(json.loads(table))
+            constraints = dataclasses.replace(constraints, artifacts=arts, artifacts_only=True)
         return await asyncio.to_thread(partition, graph, caps, constraints)
 
     async def deploy(self, pipe: Pipeline, gen: Generation) -> None:

@@ -16,7 +16,7 @@ import onnx
 import pytest
 from runtime_helpers import Nodes, assert_one_line_error, meshai, test_secrets, unique_mesh
 
-from meshai.artifacts import build_artifacts, planner_artifacts, to_ort
+from meshai.artifacts import build_artifacts, to_ort
 from meshai.capabilities import resolve_profiles, swarm
 from meshai.cnn import small_cnn
 from meshai.errors import ConfigError, PlanError
@@ -24,7 +24,7 @@ from meshai.plan import Constraints
 from meshai.planning import load_for_planning, make_plan
 from meshai.tensors import random_inputs, request_slices
 from nodes.executor import StageSession
-from nodes.executors import artifact_path, check_runtimes, cut_key, detect_runtimes
+from nodes.executors import artifact_path, check_runtimes, cut_key, detect_runtimes, planner_artifacts
 from scheduler.extract import extract_cut
 
 #: fp32 stages on any runtime: outputs within this of the whole model (the issue's bound).
@@ -174,3 +174,55 @@ def test_bench_runtimes_rows() -> None:
         assert "unavailable" not in row, row
         assert row["p50_ms"] > 0 and row["ratio"] > 0
         assert row["max_abs_diff"] <= (5e-2 if row["runtime"] == "litert-fp16" else FP32_TOL)
+
+
+@pytest.mark.process
+def test_package_built_with_artifacts_serves_a_runtime_only_node(cnn_path: Path, tmp_path: Path) -> None:
+    """The host that builds packages converts a saved plan's stages (``meshai package build --runtimes
+    ort-mobile --plan``), measured; ``meshai deploy`` reads which cuts the package carries and places one
+    on a node that has only ORT Mobile — which can only load it from the package's .ort artifact (it
+    refuses anything else, as the test above shows); answers are exact."""
+    from nodes.executor import run_whole
+
+    sec = test_secrets()
+    plan_file = tmp_path / "plan.json"
+    r = meshai("plan", str(cnn_path), "--profiles", "cpu,cpu", "--stages", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    plan_file.write_text(r.stdout)
+    pkg = tmp_path / "rtp.pkg"
+    r = meshai(
+        "package", "build", str(cnn_path), "--name", "rtp", "--version", "1", "-o", str(pkg),
+        "--runtimes", "ort-mobile", "--plan", str(plan_file), "--json",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    built = json.loads(r.stdout)
+    assert built["runtimes"]["failures"] == []
+    assert sum(f["path"].endswith(".ort") for f in built["files"]) == 2
+    assert meshai("package", "sign", str(pkg), "--key", str(sec.key)).returncode == 0
+    mesh = unique_mesh()
+    with Nodes(mesh) as nodes:
+        nodes.start("o0", "--trusted-key", str(sec.pub), "--runtime", "onnxruntime")
+        nodes.start("m1", "--trusted-key", str(sec.pub), "--runtime", "ort-mobile")
+        nodes.wait_ready()
+        flags = ["--mesh", mesh, "--wait", "2"]
+        r = meshai(
+            "deploy", str(cnn_path), "--name", "rtp", "--package", str(pkg), "--stages", "2", *flags, "--json"
+        )
+        assert r.returncode == 0, r.stderr
+        assert {s["node"] for s in json.loads(r.stdout)["plan"]["stages"]} == {"o0", "m1"}
+        reqs = request_slices(random_inputs(onnx.load(str(cnn_path)), seed=6, requests=5))
+        np.savez(tmp_path / "in.npz", image=np.stack([q["image"] for q in reqs]))
+        r = meshai(
+            "infer",
+            "rtp",
+            "--inputs",
+            str(tmp_path / "in.npz"),
+            "--outputs",
+            str(tmp_path / "out.npz"),
+            *flags,
+        )
+        assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "out.npz") as z:
+        for i, q in enumerate(reqs):
+            want = run_whole(onnx.load(str(cnn_path)), q)["logits"]
+            assert float(np.abs(z["logits"][i] - want).max()) <= FP32_TOL

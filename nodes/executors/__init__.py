@@ -7,12 +7,26 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from meshai.errors import ConfigError
 from nodes.executors.base import RUNTIMES, StageRunner
 
-__all__ = ["RUNTIMES", "StageRunner", "artifact_path", "check_runtimes", "cut_key", "detect_runtimes"]
+__all__ = [
+    "RUNTIMES",
+    "RUNTIMES_FILE",
+    "StageRunner",
+    "artifact_path",
+    "check_runtimes",
+    "cut_key",
+    "detect_runtimes",
+    "planner_artifacts",
+]
+
+
+#: The table of a package's converted artifacts (``meshai.artifacts``).
+RUNTIMES_FILE = "runtimes.json"
 
 
 def cut_key(inputs: Sequence[str], outputs: Sequence[str]) -> str:
@@ -54,3 +68,17 @@ def check_runtimes(names: Sequence[str]) -> tuple[str, ...]:
     if not out:
         raise ConfigError("--runtime needs at least one runtime")
     return tuple(out)
+
+
+def planner_artifacts(table: Mapping[str, Any]) -> dict[str, dict[frozenset[str], bool]]:
+    """``runtimes.json`` as the planner's data: per runtime, the op sets of the cuts it was measured on
+    and whether it runs them (litert counts when its fp32 artifact agreed)."""
+    out: dict[str, dict[frozenset[str], bool]] = {}
+    for st in dict(table.get("stages", {})).values():
+        ops = frozenset(str(o) for o in st.get("ops", ()))
+        for what, a in dict(st.get("artifacts", {})).items():
+            runtime = "litert" if what.startswith("litert") else what
+            if what == "litert-fp16":
+                continue
+            out.setdefault(runtime, {})[ops] = bool(a.get("ok"))
+    return out
