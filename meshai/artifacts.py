@@ -191,7 +191,7 @@ def build_artifacts(
         )
         reference = StageSession(stage, name=f"stage {s.id}")
         want = [reference.run(f) for f in stage_feeds]
-        for runtime in wanted:
+        for runtime in dict.fromkeys("litert" if r == "litert-fp16" else r for r in wanted):
             if runtime == "onnxruntime":
                 continue
             precisions = ("fp32", "fp16") if runtime == "litert" else ("fp32",)
@@ -239,7 +239,7 @@ def artifacts_for_plan(
     from meshai.tensors import random_inputs, request_slices
     from nodes.executors import RUNTIMES
 
-    bad = [r for r in runtimes if r not in RUNTIMES or r == "onnxruntime"]
+    bad = [r for r in runtimes if r not in RUNTIMES or r == "onnxruntime"]  # litert makes fp32 and fp16
     if bad:
         raise ConfigError(
             f"--runtimes takes ort-mobile and litert (onnxruntime needs no artifact), got {bad[0]!r}"

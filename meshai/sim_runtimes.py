@@ -83,7 +83,7 @@ def _verdicts(
         if rt == "onnxruntime":
             continue
         st = arts.stages.get(cut_key(s.inputs, s.outputs), {"artifacts": {}})
-        rec = st["artifacts"].get("ort-mobile" if rt == "ort-mobile" else "litert-fp32")
+        rec = st["artifacts"].get({"litert": "litert-fp32"}.get(rt, rt))
         out[s.id] = None if rec is None else bool(rec["ok"])
     return out
 

@@ -565,7 +565,9 @@ class NodeAgent:
                 return StageSession(data, self.config.providers, self.config.threads, name, ort_format=True)
             from nodes.executors.litert import LiteRtSession
 
-            return LiteRtSession(data, model, self.config.threads, name)
+            runner = LiteRtSession(data, model, self.config.threads, name)
+            runner.runtime = runtime  # litert or litert-fp16: what the node reports it runs
+            return runner
         raise DeploymentError(
             f"{only}, and package {msg.package} carries no artifact of stage {msg.stage_id} (cut {key}) for it"
         )

@@ -40,6 +40,8 @@ def artifact_path(key: str, runtime: str, precision: str = "fp32") -> str:
     """Where in a package the artifact of cut ``key`` for ``runtime`` lies."""
     if runtime == "ort-mobile":
         return f"runtimes/{key}/ort-mobile.ort"
+    if runtime == "litert-fp16":
+        return f"runtimes/{key}/litert-fp16.tflite"
     if runtime == "litert":
         return f"runtimes/{key}/litert-{'fp16' if precision == 'fp16' else 'fp32'}.tflite"
     raise ConfigError(f"runtime {runtime!r} takes no converted artifact")
@@ -50,7 +52,7 @@ def detect_runtimes() -> tuple[str, ...]:
     files), LiteRT when ``ai_edge_litert`` is installed (the ``[litert]`` extra)."""
     found = ["onnxruntime", "ort-mobile"]
     if importlib.util.find_spec("ai_edge_litert") is not None:
-        found.append("litert")
+        found += ["litert", "litert-fp16"]
     return tuple(found)
 
 
@@ -72,13 +74,11 @@ def check_runtimes(names: Sequence[str]) -> tuple[str, ...]:
 
 def planner_artifacts(table: Mapping[str, Any]) -> dict[str, dict[frozenset[str], bool]]:
     """``runtimes.json`` as the planner's data: per runtime, the op sets of the cuts it was measured on
-    and whether it runs them (litert counts when its fp32 artifact agreed)."""
+    and whether it runs them (``litert`` is the fp32 conversion, ``litert-fp16`` the fp16 one)."""
     out: dict[str, dict[frozenset[str], bool]] = {}
     for st in dict(table.get("stages", {})).values():
         ops = frozenset(str(o) for o in st.get("ops", ()))
         for what, a in dict(st.get("artifacts", {})).items():
-            runtime = "litert" if what.startswith("litert") else what
-            if what == "litert-fp16":
-                continue
+            runtime = "litert" if what == "litert-fp32" else what
             out.setdefault(runtime, {})[ops] = bool(a.get("ok"))
     return out

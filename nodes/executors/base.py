@@ -15,8 +15,9 @@ import numpy as np
 
 __all__ = ["RUNTIMES", "StageRunner"]
 
-#: The runtimes a node may have, by the name nodes advertise and ``--runtimes`` takes.
-RUNTIMES = ("onnxruntime", "ort-mobile", "litert")
+#: The runtimes a node may have, by the name nodes advertise and ``--runtimes`` takes (``litert-fp16``:
+#: LiteRT running a stage's fp16 conversion).
+RUNTIMES = ("onnxruntime", "ort-mobile", "litert", "litert-fp16")
 
 
 @runtime_checkable
