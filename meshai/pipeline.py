@@ -23,6 +23,7 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import itertools
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -632,7 +633,8 @@ class Pipeline:
 
     def version_window(self, version: str, since: float = 0.0) -> VersionWindow:
         """``version``'s outcomes finished at or after ``since`` (a ``time.perf_counter()`` value)."""
-        rows = [r for r in self.outcomes.get(version, ()) if r[0] >= since]
+        rows = list(itertools.takewhile(lambda r: r[0] >= since, reversed(self.outcomes.get(version, ()))))
+        rows.reverse()  # outcomes are appended in time order: only the window is read, newest first
         lat = tuple(r[1] for r in rows if r[1] is not None)
         marked = [r[2] for r in rows if r[2] is not None]
         return VersionWindow(
