@@ -32,7 +32,7 @@ from meshai.capabilities import NodeCapability, capability_from_dict
 from meshai.discovery import Advert, Discovery, make_discovery
 from meshai.errors import ConfigError, DeploymentError, InferenceError, MeshaiError, PeerError, SecurityError
 from meshai.peers import PeerPool
-from meshai.pipeline import Generation, Pipeline, stage_deployment_id
+from meshai.pipeline import Generation, Pipeline, stage_deployment_id, upload_to
 from meshai.plan import Constraints, Plan
 from meshai.planning import (
     LoadedModel,
@@ -42,7 +42,7 @@ from meshai.planning import (
     make_plan,
     plan_measured,
 )
-from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Upload, Uploaded
+from meshai.protocol import PROTOCOL_VERSION, Error, Hello, Infer, Message, Result, Uploaded
 from meshai.supervise import MeshSupervisor
 from meshai.transport import Channel
 
@@ -477,21 +477,10 @@ class Mesh:
         for n, fut in waits.items():
             self._upload_waiters[(n, ref)] = fut
         try:
-            await asyncio.gather(*(self.pool.send(n, Upload(ref, data)) for n in waits))
-            try:
-                async with asyncio.timeout(timeout):
-                    acks = await asyncio.gather(*waits.values())
-            except TimeoutError:
-                missing = [n for n, f in waits.items() if not f.done()]
-                raise DeploymentError(
-                    f"no answer to upload from {', '.join(missing)} within {timeout:g} s"
-                ) from None
+            await upload_to(self.pool, waits, data, ref, timeout)
         finally:
             for n in waits:
                 self._upload_waiters.pop((n, ref), None)
-        for node, ack in zip(waits, acks, strict=True):
-            if not ack.ok:
-                raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
 
     async def deployments(self) -> list[dict[str, Any]]:
         """Long-lived deployments hosted by any connected node."""

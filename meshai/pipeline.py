@@ -184,6 +184,24 @@ class Supervisor(Protocol):
         """Deploy ``gen``'s stages (``pipe.deploy(..., gen=gen)``); MeshaiError on failure."""
 
 
+async def upload_to(
+    pool: PeerPool, acks: Mapping[str, asyncio.Future[Uploaded]], package: bytes, ref: str, timeout: float
+) -> None:
+    """Send the signed package ``ref`` to every node of ``acks`` and wait for each one's ``Uploaded``
+    (the caller routes them into ``acks``).  DeploymentError names a node that refused it and why, or
+    those that did not answer within ``timeout``."""
+    await asyncio.gather(*(pool.send(n, Upload(ref, package)) for n in acks))
+    try:
+        async with asyncio.timeout(timeout):
+            got = await asyncio.gather(*acks.values())
+    except TimeoutError:
+        missing = [n for n, f in acks.items() if not f.done()]
+        raise DeploymentError(f"no answer to upload from {', '.join(missing)} within {timeout:g} s") from None
+    for node, ack in zip(acks, got, strict=True):
+        if not ack.ok:
+            raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
+
+
 class Pipeline:
     """Requests in, results out, in submission order, with a bounded number in flight."""
 
@@ -400,20 +418,9 @@ class Pipeline:
         """Hand the signed package ``ref`` (``name@version``) to every node of the plan (or ``nodes``);
         each verifies and stores it.  DeploymentError names the node that refused it and why."""
         loop = asyncio.get_running_loop()
-        targets = list(dict.fromkeys(nodes if nodes is not None else self.nodes))
+        targets = dict.fromkeys(nodes if nodes is not None else self.nodes)
         self._uploaded = {n: loop.create_future() for n in targets}
-        await asyncio.gather(*(self.pool.send(n, Upload(ref, package)) for n in targets))
-        try:
-            async with asyncio.timeout(timeout):
-                acks = await asyncio.gather(*self._uploaded.values())
-        except TimeoutError:
-            missing = [n for n, f in self._uploaded.items() if not f.done()]
-            raise DeploymentError(
-                f"no answer to upload from {', '.join(missing)} within {timeout:g} s"
-            ) from None
-        for node, ack in zip(targets, acks, strict=True):
-            if not ack.ok:
-                raise DeploymentError(f"node {node!r} refused package {ref}: {ack.message}")
+        await upload_to(self.pool, self._uploaded, package, ref, timeout)
 
     async def deploy(
         self,
