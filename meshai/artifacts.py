@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from meshai.errors import ConfigError, MeshaiError, ModelError
-from nodes.executors import RUNTIMES_FILE, artifact_path, cut_key, planner_artifacts
+from nodes.executors import RUNTIMES_FILE, artifact_path, cut_key
 
 if TYPE_CHECKING:
     import onnx
@@ -43,7 +43,7 @@ __all__ = [
     "artifacts_for_plan",
     "build_artifacts",
     "cut_key",
-    "planner_artifacts",
+    "stage_io",
     "to_ort",
 ]
 
@@ -102,20 +102,22 @@ class Artifacts:
         return out
 
 
-def _stage_feeds(
+def stage_io(
     stage_models: Sequence[onnx.ModelProto], plan: Plan, samples: Sequence[Mapping[str, np.ndarray]]
-) -> list[list[dict[str, np.ndarray]]]:
-    """Per stage, per sample: the tensors that stage reads (earlier stages run here on onnxruntime)."""
+) -> list[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]]:
+    """Per stage, per sample: the tensors that stage reads and what it gives on onnxruntime (the
+    stages run here in plan order, each on the outputs of those before it)."""
     from nodes.executor import StageSession
 
     sessions = [StageSession(m, name=f"stage {i}") for i, m in enumerate(stage_models)]
-    per_stage: list[list[dict[str, np.ndarray]]] = [[] for _ in plan.stages]
+    per_stage: list[list[tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]] = [[] for _ in plan.stages]
     for sample in samples:
         env = dict(sample)
         for i, (s, sess) in enumerate(zip(plan.stages, sessions, strict=True)):
             feeds = {t: env[t] for t in s.inputs}
-            per_stage[i].append(feeds)
-            env.update(sess.run(feeds))
+            outs = sess.run(feeds)
+            per_stage[i].append((feeds, outs))
+            env.update(outs)
     return per_stage
 
 
@@ -169,14 +171,15 @@ def build_artifacts(
     """Convert and measure every stage of ``plan`` for the runtime its node prefers (when that is not
     onnxruntime), plus every runtime named in ``every`` (for benchmarks and spare nodes).  A stage that
     does not convert or does not agree is recorded with the reason (``ok: false``), not raised."""
-    from nodes.executor import StageSession
     from scheduler.extract import extract_cut
 
     graph = loaded.graph
     models = [extract_cut(loaded.model, graph, s.inputs, s.outputs, f"stage{s.id}") for s in plan.stages]
-    feeds = _stage_feeds(models, plan, samples)
+    ios = stage_io(models, plan, samples)
     out = Artifacts()
-    for s, stage, stage_feeds in zip(plan.stages, models, feeds, strict=True):
+    for s, stage, io in zip(plan.stages, models, ios, strict=True):
+        stage_feeds = [f for f, _ in io]
+        want = [o for _, o in io]  # onnxruntime's outputs: what a converted stage must agree with
         wanted = list(dict.fromkeys([*node_runtimes.get(s.node, ("onnxruntime",))[:1], *every]))
         key = cut_key(s.inputs, s.outputs)
         entry = out.stages.setdefault(
@@ -189,8 +192,6 @@ def build_artifacts(
                 "artifacts": {},
             },
         )
-        reference = StageSession(stage, name=f"stage {s.id}")
-        want = [reference.run(f) for f in stage_feeds]
         for runtime in dict.fromkeys("litert" if r == "litert-fp16" else r for r in wanted):
             if runtime == "onnxruntime":
                 continue

@@ -79,6 +79,7 @@ def bench_runtimes(
     models: Sequence[str] = (CNN, "squeezenet"), stages: int = 3, runs: int = 50
 ) -> dict[str, Any]:
     """Per-stage latency of every backend for each model (see the module doc)."""
+    from meshai.artifacts import stage_io
     from meshai.capabilities import NodeCapability, resolve_profiles
     from meshai.litert_convert import converter_unavailable
     from meshai.plan import Constraints
@@ -101,14 +102,10 @@ def bench_runtimes(
         for lm in loaded:
             caps = [NodeCapability(f"n{i}", cpu) for i in range(stages)]
             plan = make_plan(lm, caps, Constraints(stages=stages))
-            env = dict(request_slices(random_inputs(lm.model, seed=0, requests=1))[0])
-            for s in plan.stages:
-                stage = extract_cut(lm.model, lm.graph, s.inputs, s.outputs, f"stage{s.id}")
-                feeds = {t: env[t] for t in s.inputs}
-                work.append((lm.name, s.id, stage, feeds))
-                from nodes.executor import StageSession
-
-                env.update(StageSession(stage).run(feeds))
+            sample = request_slices(random_inputs(lm.model, seed=0, requests=1))
+            cuts = [extract_cut(lm.model, lm.graph, s.inputs, s.outputs, f"stage{s.id}") for s in plan.stages]
+            for s, stage, io in zip(plan.stages, cuts, stage_io(cuts, plan, sample), strict=True):
+                work.append((lm.name, s.id, stage, io[0][0]))
         with Progress("stages", len(work)) as bar:
             for model, sid, stage, feeds in work:
                 base: dict[str, Any] = {}
