@@ -105,6 +105,7 @@ class Generation:
     version: str = ""  # the model version every stage of this generation runs
     activate: bool = True  # whether its nodes make its package the active one (a canary's do not)
     stretch: float = 1.0  # every stage takes this many times its time (a simulated slow version)
+    stage_keys: frozenset[str] = frozenset()  # the stage ids as the stages stamp them on results
 
     @classmethod
     def of(cls, number: int, plan: Plan, deployment: str) -> Generation:
@@ -114,7 +115,9 @@ class Generation:
             mine = [t for t in s.inputs if t in plan.inputs]
             if mine:
                 routes[s.node] = mine
-        return cls(number, plan, deployment, routes, tuple(s.node for s in plan.stages))
+        gen = cls(number, plan, deployment, routes, tuple(s.node for s in plan.stages))
+        gen.stage_keys = frozenset(str(s.id) for s in plan.stages)
+        return gen
 
 
 @dataclass(frozen=True, slots=True)
@@ -827,7 +830,7 @@ class Pipeline:
         if fut is None or fut.done():
             self.stats.duplicated += 1
             return
-        every_stage = set(stamps) == {str(st.id) for st in gen.plan.stages}
+        every_stage = stamps.keys() == gen.stage_keys
         self.version_trace.append((rid, gen.version, stamps, every_stage))
         if any(v != gen.version for v in stamps.values()):
             self.stats.mixed_versions += 1

@@ -8,6 +8,7 @@ Imports stay inside the commands, so registering them costs ``meshai node`` noth
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import time
 from typing import Any, TypeVar
@@ -120,7 +121,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 )
             st = await start_rollout(mesh, args.deployment, package, config, by=args.by)
             while args.follow and st.get("final") is None:
-                await _sleep(POLL_S)
+                await asyncio.sleep(POLL_S)
                 st = await rollout_action(mesh, args.deployment, "status")
                 sys.stderr.write(
                     f"meshai rollout: {st['status']} at {st['share'] * 100:.0f} %: {st['reason']}\n"
@@ -134,12 +135,6 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(rollout_table(st) if "steps" in st else st)
     rolled_back = st.get("final") == "rolled_back" and args.rollout_command == "start"
     return 1 if rolled_back else 0  # start --follow: a rollout that rolled back says so in its exit status
-
-
-async def _sleep(s: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(s)
 
 
 def cmd_ab(args: argparse.Namespace) -> int:
